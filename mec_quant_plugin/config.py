@@ -1,0 +1,251 @@
+"""`MECQuantConfig`: the one configuration object of MEC-Quant.
+
+It holds the quantization settings (what `quantize_` / `prepare_model` do to the layers) and the
+settings of the coding-length objective (what the regularizer and the Trainer callback add to the
+loss). Every field carries `metadata={"help": ...}` so `transformers.HfArgumentParser` turns the
+dataclass into a command line, and `__post_init__` validates with errors that name the bad value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchao.core.config import AOBaseConfig
+
+WEIGHT_GRANULARITIES = ("per_channel", "per_group")
+EDGE_LAYER_POLICIES = ("8bit", "float", "same")
+ACT_SIGNEDNESS = ("auto", "signed", "unsigned")
+STEPS = ("prepare", "convert")
+VIEWS = ("self", "teacher")
+TAPS = ("head", "blocks", "head+blocks")
+LAMBDA_MODES = ("fixed", "adaptive")
+ROUTINGS = ("magnitude", "gate", "features")
+
+
+def _check_bits(name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = "an int in 1..8" + (" or None (not quantized)" if allow_none else "")
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
+    if not 1 <= value <= 8:
+        raise ValueError(f"{name} must be in 1..8, got {value}.")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}.")
+
+
+@dataclass
+class MECQuantConfig(AOBaseConfig):
+    """Settings of MEC-Quant quantization-aware training.
+
+    Use it like torchao's `QATConfig`: `quantize_(model, MECQuantConfig(step="prepare"),
+    filter_fn=is_supported_layer)`, train, then `quantize_(model, MECQuantConfig(step="convert"),
+    filter_fn=is_fake_quantized)`; or with the layer policy applied for you:
+    `prepare_model(model, config)` / `convert_model(model)`.
+
+    Example:
+        >>> cfg = MECQuantConfig(weight_bits=2, act_bits=2)
+        >>> MECQuantConfig.from_json(cfg.to_json()) == cfg
+        True
+
+    Raises:
+        TypeError / ValueError: a field outside its allowed values (the message names both).
+    """
+
+    # ---- quantization ----------------------------------------------------------------------
+    weight_bits: int | None = field(
+        default=2,
+        metadata={"help": "Weight bit-width, 1..8 (1 = sign(w)*alpha per channel); None keeps weights float."},
+    )
+    act_bits: int | None = field(
+        default=2,
+        metadata={"help": "Bit-width of the inputs of Linear/Conv layers, 1..8; None = not quantized."},
+    )
+    weight_granularity: str = field(
+        default="per_channel",
+        metadata={"help": f"Weight step sizes: one of {list(WEIGHT_GRANULARITIES)}."},
+    )
+    group_size: int | None = field(
+        default=None,
+        metadata={"help": "Group size along the input dimension when weight_granularity='per_group'."},
+    )
+    ternary: bool = field(
+        default=False,
+        metadata={"help": "Ternary weights {-1,0,1}*s (needs weight_bits=2)."},
+    )
+    act_signedness: str = field(
+        default="auto",
+        metadata={
+            "help": "Activation range: 'auto' (unsigned if the first batch is non-negative, else signed "
+            "with a learnable offset, LSQ+), 'signed' or 'unsigned'."
+        },
+    )
+    edge_layers: str = field(
+        default="8bit",
+        metadata={
+            "help": "First layers taking the raw input (stem / patch / token embeddings) and the last "
+            "layer (classifier / lm_head): '8bit' (W8A8, the literature's convention), 'float' "
+            "(left unquantized) or 'same' (quantized like the rest)."
+        },
+    )
+    step: str = field(
+        default="prepare",
+        metadata={"help": "torchao QAT step: 'prepare' (insert fake quantizers) or 'convert'."},
+    )
+
+    # ---- coding-length objective (MEC) -----------------------------------------------------
+    mec_weight: float = field(
+        default=0.1,
+        metadata={"help": "beta: weight of the coding-length term against the task loss; 0 = plain QAT."},
+    )
+    mec_view: str = field(
+        default="self",
+        metadata={
+            "help": "Second view of the term: 'self' (quantized features only) or 'teacher' (frozen "
+            "full-precision copy, one extra forward without grad)."
+        },
+    )
+    mec_taps: str = field(
+        default="head",
+        metadata={"help": f"Which representation the term sees: one of {list(TAPS)}."},
+    )
+    mec_tap_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Explicit module names whose INPUT is the representation (overrides mec_taps)."},
+    )
+    mec_order: int | None = field(
+        default=4,
+        metadata={"help": "Even Taylor order of log det; None = exact log det (fp64)."},
+    )
+    mec_eps2_per_dim: float = field(
+        default=1.0,
+        metadata={"help": "Distortion eps^2/d (MEC uses 1/32); used when mec_lambda_mode='fixed'."},
+    )
+    mec_lambda_mode: str = field(
+        default="adaptive",
+        metadata={
+            "help": "'fixed' (lambda = d/(m*eps^2)) or 'adaptive' (lambda set each step so the spectral "
+            "radius of C equals mec_target_radius, keeping the series convergent)."
+        },
+    )
+    mec_target_radius: float = field(
+        default=0.5,
+        metadata={"help": "Target spectral radius of C for the adaptive lambda, in (0, 1)."},
+    )
+    mec_center: bool = field(
+        default=True, metadata={"help": "Center captured features over the batch before normalizing."}
+    )
+    mec_standardize: bool = field(
+        default=False, metadata={"help": "Also divide each feature by its batch std (MEC's BN projector)."}
+    )
+    mec_experts: int = field(
+        default=1, metadata={"help": "Number of experts K of the mixture reformulation (1 = plain term)."}
+    )
+    mec_routing: str = field(
+        default="magnitude",
+        metadata={"help": f"Mixture routing: one of {list(ROUTINGS)}."},
+    )
+    mec_warmup_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of training over which 1/lambda goes from 8/lambda to 1/lambda."},
+    )
+    mec_max_rows: int = field(
+        default=1024,
+        metadata={"help": "Cap on samples (token rows for sequences) per step; excess rows are sub-sampled."},
+    )
+    mec_gather: bool = field(
+        default=False,
+        metadata={"help": "Gather features from all ranks (gradient-preserving) so m is the global batch."},
+    )
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits, allow_none=True)
+        _check_bits("act_bits", self.act_bits, allow_none=True)
+        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        if self.weight_granularity == "per_group":
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"weight_granularity='per_group' needs a positive int group_size, got {self.group_size!r}."
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} is only used with weight_granularity='per_group'; "
+                f"got weight_granularity={self.weight_granularity!r}."
+            )
+        if self.ternary and self.weight_bits != 2:
+            raise ValueError(f"ternary=True needs weight_bits=2 (3 levels fit in 2 bits), got {self.weight_bits}.")
+        _check_choice("act_signedness", self.act_signedness, ACT_SIGNEDNESS)
+        _check_choice("edge_layers", self.edge_layers, EDGE_LAYER_POLICIES)
+        _check_choice("step", self.step, STEPS)
+        _check_positive("mec_weight", self.mec_weight, allow_zero=True)
+        _check_choice("mec_view", self.mec_view, VIEWS)
+        _check_choice("mec_taps", self.mec_taps, TAPS)
+        if self.mec_tap_modules is not None and (
+            not isinstance(self.mec_tap_modules, (list, tuple))
+            or not all(isinstance(n, str) for n in self.mec_tap_modules)
+        ):
+            raise TypeError(f"mec_tap_modules must be a list of module names, got {self.mec_tap_modules!r}.")
+        if self.mec_order is not None:
+            if isinstance(self.mec_order, bool) or not isinstance(self.mec_order, int) or self.mec_order < 2:
+                raise ValueError(f"mec_order must be an even int >= 2 or None (exact), got {self.mec_order!r}.")
+            if self.mec_order % 2:
+                raise ValueError(
+                    f"mec_order must be even, got {self.mec_order}: an odd truncation of log det rewards "
+                    "collapse (all rows equal) instead of penalizing it."
+                )
+        _check_positive("mec_eps2_per_dim", self.mec_eps2_per_dim)
+        _check_choice("mec_lambda_mode", self.mec_lambda_mode, LAMBDA_MODES)
+        _check_positive("mec_target_radius", self.mec_target_radius)
+        if not self.mec_target_radius < 1:
+            raise ValueError(f"mec_target_radius must be in (0, 1) for the series to converge, got {self.mec_target_radius}.")
+        if isinstance(self.mec_experts, bool) or not isinstance(self.mec_experts, int) or self.mec_experts < 1:
+            raise ValueError(f"mec_experts must be an int >= 1, got {self.mec_experts!r}.")
+        _check_choice("mec_routing", self.mec_routing, ROUTINGS)
+        _check_positive("mec_warmup_fraction", self.mec_warmup_fraction, allow_zero=True)
+        if self.mec_warmup_fraction > 1:
+            raise ValueError(f"mec_warmup_fraction must be in [0, 1], got {self.mec_warmup_fraction}.")
+        if isinstance(self.mec_max_rows, bool) or not isinstance(self.mec_max_rows, int) or self.mec_max_rows < 2:
+            raise ValueError(f"mec_max_rows must be an int >= 2, got {self.mec_max_rows!r}.")
+
+    # ---- serialization ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (JSON-serializable)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        """JSON text, `indent=2, sort_keys=True`, that `from_json` reads back to an equal config."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MECQuantConfig:
+        """Build a config from `to_dict` output; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown MECQuantConfig fields {unknown}; allowed: {sorted(names)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> MECQuantConfig:
+        """Inverse of `to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> MECQuantConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

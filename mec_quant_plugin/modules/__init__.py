@@ -1,0 +1,29 @@
+"""Fake-quantized layers, one small file each, registered by float module type."""
+
+from .base import FakeQuantizedModule
+from .conv1d import FakeQuantizedConv1D
+from .conv2d import FakeQuantizedConv2d
+from .embedding import FakeQuantizedEmbedding
+from .linear import FakeQuantizedLinear
+from .registry import (
+    FAKE_QUANTIZED_CLASSES,
+    fake_quantized_class_for,
+    is_fake_quantized,
+    is_supported_layer,
+    register_fake_quantized,
+    supported_type_names,
+)
+
+__all__ = [
+    "FAKE_QUANTIZED_CLASSES",
+    "FakeQuantizedConv1D",
+    "FakeQuantizedConv2d",
+    "FakeQuantizedEmbedding",
+    "FakeQuantizedLinear",
+    "FakeQuantizedModule",
+    "fake_quantized_class_for",
+    "is_fake_quantized",
+    "is_supported_layer",
+    "register_fake_quantized",
+    "supported_type_names",
+]

@@ -1,0 +1,93 @@
+"""The behaviour every fake-quantized layer shares (one mixin; the layers are ~20 lines each)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
+
+
+class FakeQuantizedModule:
+    """Mixin for `FakeQuantizedX(FakeQuantizedModule, X)`.
+
+    The instance is built from an existing float module and REUSES its Parameters and buffers
+    (same objects, so state-dict keys stay those of the checkpoint and an optimizer that already
+    holds them keeps working); it adds two submodules, `weight_fake_quantizer` and
+    `activation_fake_quantizer` (None when off), like torchao's FakeQuantizedLinear.
+    After `convert`, `weight` holds a torchao `IntxUnpackedToInt8Tensor` and
+    `weight_fake_quantizer` is None, while the activation quantizer stays so inference numerics
+    equal training numerics.
+    """
+
+    float_class: type[nn.Module]
+    weight_channel_axis: int = 0
+    supports_activation_quantization: bool = True
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        *,
+        weight_bits: int | None,
+        act_bits: int | None,
+        group_size: int | None = None,
+        ternary: bool = False,
+        act_signedness: str = "auto",
+    ) -> FakeQuantizedModule:
+        """Wrap `module` (its Parameters are shared, not copied).
+
+        Raises:
+            ValueError: activation bits for a layer without float inputs (Embedding), bad bits,
+                a group size that does not divide, NaN/inf weights.
+        """
+        if act_bits is not None and not cls.supports_activation_quantization:
+            raise ValueError(
+                f"{type(module).__name__} reads integer ids, so activation quantization does not apply; "
+                f"got act_bits={act_bits}, allowed: None (prepare_model sets this for embeddings)."
+            )
+        new = cls.__new__(cls)
+        # Share the float module's state: same Parameter objects, hooks and attributes.
+        new.__dict__ = module.__dict__.copy()
+        for table in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[table] = dict(module.__dict__[table])
+        wfq = None
+        if weight_bits is not None:
+            wfq = WeightFakeQuantizer(
+                module.weight,
+                weight_bits,
+                channel_axis=cls.weight_channel_axis,
+                group_size=group_size,
+                ternary=ternary,
+            ).to(module.weight.device)
+        afq = ActivationFakeQuantizer(act_bits, act_signedness) if act_bits is not None else None
+        if afq is not None:
+            afq = afq.to(module.weight.device)
+        new.register_module("weight_fake_quantizer", wfq)
+        new.register_module("activation_fake_quantizer", afq)
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward uses: fake-quantized while training, the stored one after convert."""
+        wfq = self.weight_fake_quantizer
+        return wfq(self.weight) if wfq is not None else self.weight
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        afq = self.activation_fake_quantizer
+        return afq(x) if afq is not None else x
+
+    def to_float(self) -> nn.Module:
+        """The float module again, sharing the same Parameters (quantizers dropped)."""
+        new = self.float_class.__new__(self.float_class)
+        new.__dict__ = self.__dict__.copy()
+        for table in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[table] = dict(self.__dict__[table])
+        del new._modules["weight_fake_quantizer"]
+        del new._modules["activation_fake_quantizer"]
+        return new
+
+    def bits_summary(self) -> str:
+        w = self.weight_fake_quantizer
+        a = self.activation_fake_quantizer
+        wb = "float" if w is None else ("ternary" if w.ternary else str(w.bits))
+        return f"W{wb}A{'float' if a is None else a.bits}"

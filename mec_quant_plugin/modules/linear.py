@@ -1,0 +1,16 @@
+"""Fake-quantized nn.Linear."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FakeQuantizedModule
+from .registry import register_fake_quantized
+
+
+@register_fake_quantized(nn.Linear)
+class FakeQuantizedLinear(FakeQuantizedModule, nn.Linear):
+    """nn.Linear with LSQ fake-quantized weight (per output row) and input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)

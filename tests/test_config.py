@@ -1,0 +1,53 @@
+"""MECQuantConfig: validation messages, JSON round trip, CLI generation."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import HfArgumentParser
+
+from mec_quant_plugin import MECQuantConfig
+
+
+def test_json_round_trip_non_default_values():
+    cfg = MECQuantConfig(weight_bits=3, act_bits=None, weight_granularity="per_group", group_size=16,
+                         edge_layers="float", mec_view="teacher", mec_tap_modules=["a.b"], mec_order=None,
+                         mec_experts=4, mec_routing="features", step="convert")
+    text = cfg.to_json()
+    assert '"group_size": 16' in text
+    assert MECQuantConfig.from_json(text) == cfg
+
+
+def test_unknown_json_field_is_named():
+    with pytest.raises(ValueError, match="Unknown MECQuantConfig fields \\['bogus'\\]"):
+        MECQuantConfig.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(weight_bits=0), ValueError, "weight_bits must be in 1..8, got 0"),
+    (dict(weight_bits=9), ValueError, "1..8"),
+    (dict(act_bits=2.0), TypeError, "act_bits must be an int in 1..8 or None"),
+    (dict(weight_bits="2"), TypeError, "weight_bits"),
+    (dict(weight_bits=True), TypeError, "weight_bits"),
+    (dict(weight_granularity="per_row"), ValueError, "weight_granularity must be one of"),
+    (dict(weight_granularity="per_group"), ValueError, "needs a positive int group_size"),
+    (dict(group_size=32), ValueError, "only used with weight_granularity='per_group'"),
+    (dict(ternary=True, weight_bits=3), ValueError, "ternary=True needs weight_bits=2"),
+    (dict(edge_layers="4bit"), ValueError, "edge_layers must be one of \\['8bit', 'float', 'same'\\]"),
+    (dict(step="train"), ValueError, "step must be one of"),
+    (dict(mec_order=3), ValueError, "odd truncation"),
+    (dict(mec_weight=-1.0), ValueError, "mec_weight must be >= 0"),
+    (dict(mec_target_radius=1.5), ValueError, "converge"),
+    (dict(mec_experts=0), ValueError, "mec_experts"),
+    (dict(mec_view="other"), ValueError, "mec_view must be one of \\['self', 'teacher'\\]"),
+    (dict(mec_tap_modules="classifier"), TypeError, "list of module names"),
+])
+def test_bad_values_name_the_value_and_the_allowed_ones(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        MECQuantConfig(**kwargs)
+
+
+def test_hf_argument_parser_builds_a_cli():
+    (cfg,) = HfArgumentParser(MECQuantConfig).parse_args_into_dataclasses(
+        ["--weight_bits", "3", "--act_bits", "4", "--edge_layers", "float"]
+    )
+    assert (cfg.weight_bits, cfg.act_bits, cfg.edge_layers) == (3, 4, "float")

@@ -1,0 +1,170 @@
+"""prepare_model / quantize_ on tiny Hugging Face models and plain modules."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny_models import TINY_MODELS
+from torch import nn
+from torchao.quantization import quantize_
+from transformers.pytorch_utils import Conv1D
+
+from mec_quant_plugin import MECQuantConfig, is_supported_layer, prepare_model, quantization_report
+from mec_quant_plugin.modules import FakeQuantizedModule
+
+# The layers each tiny model must keep as edges (first input layers + head), by the policy rule.
+EXPECTED_EDGES = {
+    "llama": {"model.embed_tokens", "lm_head"},
+    "gpt2": {"transformer.wte", "transformer.wpe", "lm_head"},
+    "bert": {"bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings",
+             "bert.embeddings.token_type_embeddings", "classifier"},
+    "vit": {"vit.embeddings.patch_embeddings.projection", "classifier"},
+    "resnet": {"resnet.embedder.embedder.convolution", "classifier.1"},
+    "convnext": {"convnext.embeddings.patch_embeddings", "classifier"},
+}
+
+
+def _supported_names(model):
+    return {n for n, m in model.named_modules() if is_supported_layer(m, n)}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_prepare_swaps_exactly_the_supported_layers(name):
+    model, batch = TINY_MODELS[name]()
+    supported = _supported_names(model)
+    params_before = {n: p for n, p in model.named_parameters()}
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
+    fq = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantizedModule)}
+    assert set(fq) == supported
+    edges = {n for n, m in fq.items() if m.weight_fake_quantizer.bits == 8}
+    assert edges == EXPECTED_EDGES[name]
+    for n, m in fq.items():
+        want_w = 8 if n in EXPECTED_EDGES[name] else 2
+        assert m.weight_fake_quantizer.bits == want_w
+        if isinstance(m, nn.Embedding):
+            assert m.activation_fake_quantizer is None
+        else:
+            assert m.activation_fake_quantizer.bits == want_w
+    # same Parameter objects, same names; only quantizer parameters are new
+    after = dict(model.named_parameters())
+    for n, p in params_before.items():
+        assert after[n] is p
+    new = set(after) - set(params_before)
+    assert new and all("fake_quantizer" in n for n in new)
+    model.train()
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for n, m in fq.items():
+        assert m.weight_fake_quantizer.scale.grad is not None, n
+        assert m.weight.grad is not None, n
+
+
+def test_edge_policy_float_and_same():
+    model, _ = TINY_MODELS["vit"]()
+    prepare_model(model, MECQuantConfig(weight_bits=3, act_bits=4, edge_layers="float"))
+    assert not isinstance(model.classifier, FakeQuantizedModule)
+    assert not isinstance(model.vit.embeddings.patch_embeddings.projection, FakeQuantizedModule)
+    model2, _ = TINY_MODELS["vit"]()
+    prepare_model(model2, MECQuantConfig(weight_bits=3, act_bits=4, edge_layers="same"))
+    assert model2.classifier.weight_fake_quantizer.bits == 3
+    assert model2.classifier.activation_fake_quantizer.bits == 4
+
+
+def test_prepare_logs_which_layers_got_which_bits(caplog):
+    model, _ = TINY_MODELS["resnet"]()
+    with caplog.at_level(logging.INFO, logger="mec_quant_plugin"):
+        prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
+    text = caplog.text
+    assert "W2A2: 5 layers" in text and "W8A8: 2 layers" in text
+    assert "BatchNorm2d x6" in quantization_report(model)
+
+
+def test_disabled_quantizers_equal_float_module_exactly():
+    torch.manual_seed(0)
+    for layer, x in [
+        (nn.Linear(8, 5), torch.randn(3, 8)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), torch.randn(2, 4, 9, 9)),
+        (nn.Embedding(10, 4), torch.randint(0, 10, (3, 5))),
+        (Conv1D(5, 8), torch.randn(2, 3, 8)),
+    ]:
+        ref = layer(x)
+        model = nn.Sequential(layer)
+        quantize_(model, MECQuantConfig(weight_bits=None, act_bits=None), filter_fn=is_supported_layer)
+        assert isinstance(model[0], FakeQuantizedModule)
+        assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=4, out_channels=8, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2, groups=4),  # depthwise
+    dict(in_channels=4, out_channels=6, kernel_size=(1, 3), padding="same", padding_mode="reflect"),
+])
+def test_conv2d_variants_match_float_conv_on_quantized_weight(conv):
+    layer = nn.Conv2d(**conv)
+    x = torch.randn(2, 4, 10, 10)
+    model = nn.Sequential(layer)
+    quantize_(model, MECQuantConfig(weight_bits=2, act_bits=None), filter_fn=is_supported_layer)
+    fq = model[0]
+    wq = fq.weight_fake_quantizer(fq.weight)
+    ref = nn.Conv2d(**conv)
+    ref.weight.data.copy_(wq)
+    ref.bias.data.copy_(layer.bias)
+    assert torch.allclose(model(x), ref(x), atol=1e-6)
+
+
+def test_quantize_with_torchao_default_filter_only_touches_linear():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    quantize_(model, MECQuantConfig(weight_bits=4, act_bits=4))
+    assert not isinstance(model[0], FakeQuantizedModule)
+    assert isinstance(model[2], FakeQuantizedModule)
+
+
+def test_unsupported_module_named_explicitly_is_a_type_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="cannot quantize LayerNorm.*supported layer types"):
+        quantize_(model, MECQuantConfig(), filter_fn=lambda m, n: isinstance(m, nn.LayerNorm))
+
+
+def test_activation_bits_for_embedding_named_explicitly_is_a_value_error():
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match="activation quantization does not apply"):
+        quantize_(model, MECQuantConfig(weight_bits=2, act_bits=2), filter_fn=is_supported_layer)
+
+
+def test_group_size_that_does_not_divide():
+    model = nn.Sequential(nn.Linear(30, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="does not divide"):
+        prepare_model(model, MECQuantConfig(weight_granularity="per_group", group_size=8))
+
+
+def test_nan_weights_at_initialization():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        prepare_model(model, MECQuantConfig())
+
+
+def test_model_without_supported_layers():
+    with pytest.raises(ValueError, match="no layer the plugin can quantize"):
+        prepare_model(nn.Sequential(nn.ReLU()), MECQuantConfig())
+
+
+def test_prepare_twice_does_not_requantize():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    prepare_model(model, MECQuantConfig())
+    q = model[1].weight_fake_quantizer
+    prepare_model(model, MECQuantConfig())
+    assert model[1].weight_fake_quantizer is q
+
+
+def test_to_float_shares_parameters():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    w = model[1].weight
+    prepare_model(model, MECQuantConfig())
+    back = model[1].to_float()
+    assert type(back) is nn.Linear and back.weight is w
+    assert set(dict(back.named_parameters())) == {"weight", "bias"}

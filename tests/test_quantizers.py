@@ -1,0 +1,188 @@
+"""Fake quantizers: levels, LSQ gradients (formula and finite differences), dtype handling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mec_quant_plugin import ActivationFakeQuantizer, WeightFakeQuantizer
+
+
+@pytest.mark.parametrize(
+    "bits,ternary,max_levels", [(1, False, 2), (2, False, 4), (3, False, 8), (2, True, 3), (4, False, 16)]
+)
+def test_weight_levels_per_channel(bits, ternary, max_levels):
+    w = torch.randn(6, 40)
+    wq = WeightFakeQuantizer(w, bits, ternary=ternary)(w)
+    for row in wq:
+        levels = torch.unique(row)
+        assert len(levels) <= max_levels
+        if bits == 1:
+            assert len(levels) == 2 and torch.allclose(levels[0], -levels[1])
+        # levels sit on the integer grid of the row's own step
+    if not (bits == 1 and not ternary):
+        s = WeightFakeQuantizer(w, bits, ternary=ternary).scale.detach()
+        codes = wq / s
+        assert torch.allclose(codes, codes.round(), atol=1e-5)
+
+
+def test_binary_alpha_initialized_to_mean_abs():
+    w = torch.randn(4, 32)
+    q = WeightFakeQuantizer(w, 1)
+    assert torch.allclose(q.scale.detach().squeeze(), w.abs().mean(1))
+    assert torch.equal(q(w), torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(1, keepdim=True))
+
+
+def test_per_group_levels_and_bad_group():
+    w = torch.randn(3, 32)
+    q = WeightFakeQuantizer(w, 2, group_size=8)
+    assert q.scale.shape == (3, 4, 1)
+    out = q(w)
+    for c in range(3):
+        for g in range(4):
+            assert len(torch.unique(out[c, g * 8 : (g + 1) * 8])) <= 4
+    with pytest.raises(ValueError, match="does not divide"):
+        WeightFakeQuantizer(torch.randn(3, 30), 2, group_size=8)
+
+
+def test_conv_weight_per_output_channel_and_conv1d_axis():
+    w = torch.randn(5, 3, 3, 3)
+    q = WeightFakeQuantizer(w, 2)
+    assert q.scale.shape == (5, 1)
+    assert q(w).shape == w.shape
+    wt = torch.randn(16, 7)  # GPT-2 Conv1D layout (in, out): one step per column
+    qt = WeightFakeQuantizer(wt, 3, channel_axis=1)
+    assert qt.scale.shape == (7, 1)
+    out = qt(wt)
+    assert all(len(torch.unique(out[:, j])) <= 8 for j in range(7))
+
+
+def _lsq_reference_grads(x, s, qmin, qmax, g, grad_out, offset=None):
+    off = offset if offset is not None else torch.zeros(())
+    v = (x - off) / s
+    inside = (v >= qmin) & (v <= qmax)
+    q = v.round().clamp(qmin, qmax)
+    gx = grad_out * inside
+    gs = (grad_out * torch.where(inside, q - v, q)).sum() * g
+    go = (grad_out * (~inside)).sum() * g
+    return gx, gs, go
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_gradients_equal_lsq_formulas(signed):
+    aq = ActivationFakeQuantizer(2, "signed" if signed else "unsigned")
+    x0 = torch.randn(4, 10) * 2 + (0 if signed else 1.0)
+    x0 = x0 if signed else x0.abs()
+    aq.calibrate(x0)
+    x = x0.clone().requires_grad_(True)
+    y = aq(x)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    qmin, qmax = aq.qrange
+    g = 1.0 / math.sqrt(10 * qmax)
+    gx, gs, go = _lsq_reference_grads(
+        x0, aq.scale.detach(), qmin, qmax, g, grad_out, aq.offset.detach() if signed else None
+    )
+    assert torch.allclose(x.grad, gx)
+    assert torch.allclose(aq.scale.grad, gs, atol=1e-6)
+    if signed:
+        assert torch.allclose(aq.offset.grad, go, atol=1e-6)
+    else:
+        assert aq.offset.grad is None
+
+
+def test_weight_gradients_equal_lsq_formulas():
+    w0 = torch.randn(3, 12)
+    q = WeightFakeQuantizer(w0, 3)
+    w = w0.clone().requires_grad_(True)
+    grad_out = torch.randn(3, 12)
+    q(w).backward(grad_out)
+    g = 1.0 / math.sqrt(12 * 3)
+    for c in range(3):
+        gx, gs, _ = _lsq_reference_grads(w0[c], q.scale.detach()[c], -4, 3, g, grad_out[c])
+        assert torch.allclose(w.grad[c], gx)
+        assert torch.allclose(q.scale.grad[c], gs.reshape(1), atol=1e-6)
+
+
+def test_step_and_offset_gradients_match_finite_differences_where_smooth():
+    # Inside the range LSQ's step gradient (q - v) uses the straight-through estimate of
+    # round(); where the output is smooth in (s, offset), i.e. in the clipped region where it
+    # equals qmin*s + offset or qmax*s + offset, it must equal the true derivative.
+    aq = ActivationFakeQuantizer(2, "signed")
+    aq.calibrate(torch.randn(1, 64))
+    x = torch.cat([torch.full((1, 16), 50.0), torch.full((1, 16), -50.0)], dim=1)
+    weights = torch.randn(1, 32)
+    (aq(x) * weights).sum().backward()
+    g = 1.0 / math.sqrt(32 * 1)
+    h = 1e-3
+
+    def f(param, value):
+        with torch.no_grad():
+            old = param.item()
+            param.fill_(value)
+            out = (aq(x) * weights).double().sum().item()
+            param.fill_(old)
+        return out
+
+    for param in (aq.scale, aq.offset):
+        p0 = param.item()
+        numeric = (f(param, p0 + h) - f(param, p0 - h)) / (2 * h)
+        assert param.grad.item() == pytest.approx(numeric * g, rel=1e-3)
+
+
+def test_input_gradient_zero_outside_clipping_range():
+    aq = ActivationFakeQuantizer(2, "unsigned")
+    aq.calibrate(torch.rand(100))
+    x = torch.tensor([-1.0, 0.1, 1e3], requires_grad=True)
+    aq(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_auto_signedness_and_initialized_buffer_survives_reload():
+    aq = ActivationFakeQuantizer(4)
+    aq.train()
+    aq(torch.rand(8, 3))
+    assert bool(aq.initialized) and not bool(aq.signed)
+    state = aq.state_dict()
+    fresh = ActivationFakeQuantizer(4)
+    fresh.load_state_dict(state)
+    fresh.train()
+    fresh(torch.randn(8, 3) * 100)  # must NOT re-initialize from this very different batch
+    assert fresh.scale.item() == pytest.approx(aq.scale.item())
+    neg = ActivationFakeQuantizer(4)
+    neg.calibrate(torch.randn(8, 3))
+    assert bool(neg.signed)
+
+
+def test_uninitialized_activation_in_eval_raises():
+    aq = ActivationFakeQuantizer(2).eval()
+    with pytest.raises(RuntimeError, match="calibrate"):
+        aq(torch.rand(3))
+
+
+def test_fp32_math_under_bf16_and_autocast():
+    w = torch.randn(4, 16)
+    q = WeightFakeQuantizer(w, 2)
+    out = q(w.bfloat16())
+    assert out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out2 = q(w)
+    assert out2.dtype == torch.float32
+    assert torch.allclose(out2, q(w))
+
+
+@pytest.mark.parametrize("bad", [0, 9, -1])
+def test_bits_out_of_range(bad):
+    with pytest.raises(ValueError, match="1..8"):
+        WeightFakeQuantizer(torch.randn(2, 4), bad)
+    with pytest.raises(ValueError, match="1..8"):
+        ActivationFakeQuantizer(bad)
+
+
+def test_nan_weights_rejected():
+    w = torch.randn(2, 4)
+    w[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        WeightFakeQuantizer(w, 2)

@@ -3,25 +3,45 @@
 Two lines on top of an existing pipeline:
 
     model = prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
-    ...train...
+    ...train (loss = task_loss + MECRegularizer(model, config)(), or the Trainer callback)...
     model = convert_model(model)
 """
 
 from .api import calibrate_activations, convert_model, prepare_model, quantization_report
 from .config import MECQuantConfig
+from .integrations import MECQuantCallback, from_pretrained, make_saveable
 from .modules import is_fake_quantized, is_supported_layer
+from .objective import (
+    FeatureCapture,
+    MECRegularizer,
+    adaptive_lambda,
+    coding_length_loss,
+    exact_coding_length,
+    make_teacher,
+    mixture_coding_length_loss,
+)
 from .quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationFakeQuantizer",
+    "FeatureCapture",
+    "MECQuantCallback",
     "MECQuantConfig",
+    "MECRegularizer",
     "WeightFakeQuantizer",
+    "adaptive_lambda",
     "calibrate_activations",
+    "coding_length_loss",
     "convert_model",
+    "exact_coding_length",
+    "from_pretrained",
     "is_fake_quantized",
     "is_supported_layer",
+    "make_saveable",
+    "make_teacher",
+    "mixture_coding_length_loss",
     "prepare_model",
     "quantization_report",
 ]

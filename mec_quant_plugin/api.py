@@ -95,10 +95,42 @@ def prepare_model(
         groups.append((edge_cfg.replace(act_bits=None), lambda m, n: edge_sel(m, n) and embedding(m, n)))
     for cfg, fn in groups:
         quantize_(model, cfg, filter_fn=fn)
+    _share_quantizers_of_tied_weights(model)
     report = quantization_report(model)
     for line in report.splitlines():
         logger.info(line)
     return model
+
+
+def _tied_groups(model: nn.Module) -> list[list[FakeQuantizedModule]]:
+    """Fake-quantized layers that hold the SAME weight Parameter (tied embeddings / lm_head)."""
+    by_weight: dict[int, list[FakeQuantizedModule]] = {}
+    for mod in model.modules():
+        if isinstance(mod, FakeQuantizedModule):
+            by_weight.setdefault(id(mod.weight), []).append(mod)
+    return [mods for mods in by_weight.values() if len(mods) > 1]
+
+
+def _share_quantizers_of_tied_weights(model: nn.Module) -> None:
+    """A tied weight is ONE tensor: give its users one weight quantizer, so they agree on the
+    quantized values during training and convert to one shared int tensor (which is what
+    `save_pretrained` and the reload-time re-tying of transformers expect)."""
+    for mods in _tied_groups(model):
+        first = mods[0].weight_fake_quantizer
+        for other in mods[1:]:
+            wfq = other.weight_fake_quantizer
+            compatible = (first is None) == (wfq is None) and (
+                first is None
+                or (first.bits, first.ternary, first.group_size, first.channel_axis)
+                == (wfq.bits, wfq.ternary, wfq.group_size, wfq.channel_axis)
+            )
+            if not compatible:
+                logger.warning(
+                    "Tied weight quantized two ways (%s vs %s): the tie will be broken at convert.",
+                    mods[0].bits_summary(), other.bits_summary(),
+                )
+                continue
+            other.register_module("weight_fake_quantizer", first)
 
 
 def convert_model(model: nn.Module) -> nn.Module:
@@ -112,7 +144,13 @@ def convert_model(model: nn.Module) -> nn.Module:
     """
     if not any(is_fake_quantized(m) for m in model.modules()):
         raise ValueError("convert_model found no fake-quantized layer: call prepare_model first.")
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = [[names[id(m)] for m in mods] for mods in _tied_groups(model)]
     quantize_(model, MECQuantConfig(step="convert"), filter_fn=is_fake_quantized)
+    for group in tied:  # re-tie: every user of the tied weight gets the first user's int tensor
+        first = model.get_submodule(group[0])
+        for name in group[1:]:
+            model.get_submodule(name)._parameters["weight"] = first._parameters["weight"]
     return model
 
 

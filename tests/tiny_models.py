@@ -22,7 +22,8 @@ def tiny_llama() -> tuple[nn.Module, dict]:
 def tiny_gpt2() -> tuple[nn.Module, dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ids = torch.randint(0, 64, (2, 8))
     return GPT2LMHeadModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
@@ -31,7 +32,8 @@ def tiny_bert() -> tuple[nn.Module, dict]:
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+                     intermediate_size=64, max_position_embeddings=32, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     ids = torch.randint(0, 64, (2, 8))
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0

@@ -1,0 +1,220 @@
+"""Save, reload and push converted models through the standard Hugging Face APIs.
+
+What a saved folder holds:
+- `model.safetensors` + `config.json` written by transformers, whose `quantization_config` is a
+  STANDARD torchao config (`IntxWeightOnlyConfig`), so plain `transformers` + `torchao` reload the
+  int weights in a process that never imports this plugin (weight-only);
+- `mec_quant_config.json`: our settings (MECQuantConfig) and, per layer, the activation bits and
+  signedness needed to rebuild the activation quantizers, whose learned steps are in
+  `mec_quant_activations.safetensors`; `from_pretrained` below reads both;
+- `README.md`: a model card generated from the run.
+
+Why a wrapper around `save_pretrained` (set on the instance, so `Trainer.save_model` and
+`push_to_hub`, which both call `model.save_pretrained`, write our files too): transformers'
+tied-weight deduplication identifies tensors by storage pointer, which torchao's wrapper tensors
+do not share, so a tied lm_head would be written twice and fail plain reload (`aten.equal` is not
+implemented for `IntxUnpackedToInt8Tensor`); we drop the duplicate key ourselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import MECQuantConfig
+from ..modules.base import FakeQuantizedModule
+from ..modules.registry import fake_quantized_class_for
+from ..quantizers import ActivationFakeQuantizer
+from .model_card import write_model_card
+
+logger = logging.getLogger("mec_quant_plugin")
+
+MEC_CONFIG_FILE = "mec_quant_config.json"
+ACTIVATIONS_FILE = "mec_quant_activations.safetensors"
+_ACT_KEY = ".activation_fake_quantizer."
+_SAVE_MARK = "_mec_quant_save_wrapped"
+
+
+def standard_torchao_config(config: MECQuantConfig) -> Any:
+    """The `TorchAoConfig(IntxWeightOnlyConfig(...))` advertised in config.json.
+
+    torchao's allowlist only reloads its own config classes, so we advertise the standard
+    weight-only config (the body's bit-width); each tensor carries its own bits and block size.
+    """
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from transformers import TorchAoConfig
+
+    bits = config.weight_bits or 8
+    dtype = torch.int8 if bits == 8 else getattr(torch, f"int{bits}")
+    granularity = PerGroup(config.group_size) if config.weight_granularity == "per_group" else PerAxis(0)
+    return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity))
+
+
+def activation_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per layer with an activation quantizer: its bits and requested signedness."""
+    return {
+        name: {"bits": mod.activation_fake_quantizer.bits, "signedness": mod.activation_fake_quantizer.signedness}
+        for name, mod in model.named_modules()
+        if isinstance(mod, FakeQuantizedModule) and mod.activation_fake_quantizer is not None
+    }
+
+
+def make_saveable(
+    model: nn.Module, config: MECQuantConfig, *, run_info: Optional[dict[str, Any]] = None
+) -> nn.Module:
+    """Attach the torchao quantizer transformers needs to save a converted model, and make its
+    `save_pretrained` also write `mec_quant_config.json` and the model card.
+
+    `run_info` feeds the model card: e.g. {"base_model": ..., "task": ..., "metrics": {...},
+    "dataset": ...}. Call after `convert_model`.
+
+    Raises:
+        ValueError: the model still holds weight fake quantizers (convert it first).
+    """
+    if any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None for m in model.modules()):
+        raise ValueError("make_saveable needs a converted model: call convert_model(model) first.")
+    from transformers.quantizers import AutoHfQuantizer
+
+    qc = standard_torchao_config(config)
+    if hasattr(model, "config"):
+        model.config.quantization_config = qc
+        quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+        flatten = quantizer.get_state_dict_and_metadata  # torchao's: flattens model.state_dict()
+        quantizer.get_state_dict_and_metadata = lambda m: flatten(_TiedFreeView(m))
+        model.hf_quantizer = quantizer
+        model.is_quantized = True
+    model.__dict__["_mec_quant_config"] = config
+    model.__dict__["_mec_quant_run_info"] = dict(run_info or {})
+    if not getattr(model.save_pretrained, _SAVE_MARK, False):
+        original = type(model).save_pretrained
+
+        @functools.wraps(original)
+        def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+            result = original(model, save_directory, *args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                write_mec_files(model, save_directory)
+            return result
+
+        setattr(save_pretrained, _SAVE_MARK, True)
+        model.save_pretrained = save_pretrained
+    return model
+
+
+class _TiedFreeView:
+    """Stands in for the model where torchao's saver calls `model.state_dict()`: the same dict
+    without the second name of a tied weight (transformers re-ties it on load)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # Activation steps live in their own file (see write_mec_files), keyed by OUR module
+        # names: transformers may rename keys to a checkpoint's original format on save.
+        state = {k: v for k, v in self._model.state_dict().items() if _ACT_KEY not in k}
+        owner: dict[int, str] = {}
+        for name, param in self._model.named_parameters(remove_duplicate=False):
+            if id(param) in owner and name in state:
+                del state[name]
+            owner.setdefault(id(param), name)
+        return state
+
+
+def write_mec_files(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Write `mec_quant_config.json`, `mec_quant_activations.safetensors` and README.md."""
+    config: MECQuantConfig = model.__dict__.get("_mec_quant_config") or MECQuantConfig()
+    run_info = model.__dict__.get("_mec_quant_run_info", {})
+    path = Path(save_directory)
+    path.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": 1,
+        "mec_quant_config": config.to_dict(),
+        "activation_quantizers": activation_layout(model),
+    }
+    act_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if _ACT_KEY in k}
+    # Each file is written under a temporary name and renamed: a killed save leaves the previous
+    # file or none, never half a file.
+    tmp = path / (ACTIVATIONS_FILE + ".tmp")
+    save_file(act_state, str(tmp))
+    os.replace(tmp, path / ACTIVATIONS_FILE)
+    tmp = path / (MEC_CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path / MEC_CONFIG_FILE)
+    write_model_card(model, config, run_info, path)
+
+
+def restore_activation_quantizers(model: nn.Module, folder: str | os.PathLike) -> int:
+    """Rebuild the activation quantizers listed in `mec_quant_config.json` and load their learned
+    steps from the safetensors files; returns how many layers were restored.
+
+    Raises:
+        FileNotFoundError: the folder has no mec_quant_config.json (not saved by this plugin).
+        ValueError: a listed layer is missing from the model or of an unsupported type.
+    """
+    folder = Path(folder)
+    meta_path = folder / MEC_CONFIG_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: the folder was not saved by mec_quant_plugin.")
+    meta = json.loads(meta_path.read_text())
+    layout: dict[str, dict[str, Any]] = meta.get("activation_quantizers", {})
+    tensors = load_file(str(folder / ACTIVATIONS_FILE)) if layout else {}
+    for name, spec in layout.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"Saved activation quantizer for {name!r}, but the model has no such layer.") from exc
+        if not isinstance(layer, FakeQuantizedModule):
+            fq_cls = fake_quantized_class_for(layer)
+            if fq_cls is None:
+                raise ValueError(f"Layer {name!r} ({type(layer).__name__}) cannot carry an activation quantizer.")
+            layer = fq_cls.from_float(layer, weight_bits=None, act_bits=spec["bits"], act_signedness=spec["signedness"])
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        afq: ActivationFakeQuantizer = layer.activation_fake_quantizer
+        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".activation_fake_quantizer.")}
+        afq.load_state_dict(state)
+    return len(layout)
+
+
+def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
+    """Load a model saved by this plugin, restoring the learned activation quantizers too.
+
+    The model class comes from config.json (`architectures`), like the Auto classes; the folder
+    may be local or a Hub repo id (downloaded with huggingface_hub). `trust_remote_code` stays
+    off unless passed.
+
+    Example:
+        >>> model = mec_quant_plugin.from_pretrained("user/resnet-w2a2-mec")
+
+    Raises:
+        ValueError: config.json names no architecture transformers knows.
+    """
+    import transformers
+
+    folder = Path(path_or_repo_id)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        # only safetensors and JSON are fetched: nothing is ever unpickled
+    cfg = json.loads((folder / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ValueError(
+            f"config.json of {path_or_repo_id} names architectures={archs}; expected a transformers model class."
+        )
+    kwargs.setdefault("trust_remote_code", False)
+    model = cls.from_pretrained(str(folder), **kwargs)
+    restore_activation_quantizers(model, folder)
+    meta = json.loads((folder / MEC_CONFIG_FILE).read_text())
+    model.__dict__["_mec_quant_config"] = MECQuantConfig.from_dict(meta["mec_quant_config"])
+    return model.eval()

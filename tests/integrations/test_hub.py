@@ -1,0 +1,141 @@
+"""Save -> reload (plugin-free in a fresh process, and through the plugin), model card, push."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import mec_quant_plugin
+from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model
+from tiny_models import TINY_MODELS
+from trainer_helpers import make_trainer
+
+
+def _trained_and_saved(name: str, folder: Path, act_bits=4):
+    trainer, cb, ds = make_trainer(name, str(folder / "run"), MECQuantConfig(weight_bits=2, act_bits=act_bits))
+    trainer.train()
+    trainer.save_model(str(folder / "final"))
+    return trainer.model.eval(), {k: v[:4] for k, v in ds[:4].items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "vit", "resnet"])
+def test_plugin_reload_reproduces_outputs_exactly(name, tmp_path):
+    model, batch = _trained_and_saved(name, tmp_path)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    reloaded = mec_quant_plugin.from_pretrained(str(tmp_path / "final"))
+    with torch.no_grad():
+        out = reloaded(**batch).logits
+    assert torch.equal(out, ref)
+    files = set(os.listdir(tmp_path / "final"))
+    assert {"config.json", "model.safetensors", "mec_quant_config.json", "mec_quant_activations.safetensors",
+            "README.md"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files - {"training_args.bin"})
+
+
+_PLAIN_RELOAD = textwrap.dedent("""
+    import json, sys, torch, transformers
+    assert "mec_quant_plugin" not in sys.modules
+    folder, out = sys.argv[1], sys.argv[2]
+    cfg = json.load(open(folder + "/config.json"))
+    cls = getattr(transformers, cfg["architectures"][0])
+    model = cls.from_pretrained(folder)
+    assert "mec_quant_plugin" not in sys.modules
+    state = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if hasattr(w, "qdata"):
+            state[name + ".qdata"] = w.qdata
+            state[name + ".scale"] = w.scale
+            state[name + ".zero_point"] = w.zero_point
+    torch.save(state, out)
+""")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "resnet", "bert"])
+def test_plugin_free_reload_in_a_fresh_process_gives_the_same_int_weights(name, tmp_path):
+    model, _ = _trained_and_saved(name, tmp_path, act_bits=None)
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    assert "IntxWeightOnlyConfig" in json.dumps(config["quantization_config"])
+    out = tmp_path / "weights.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_RELOAD, str(tmp_path / "final"), str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = torch.load(out, weights_only=True)
+    ours = {}
+    for n, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if hasattr(w, "qdata"):
+            ours.update({n + ".qdata": w.qdata, n + ".scale": w.scale, n + ".zero_point": w.zero_point})
+    assert plain.keys() == ours.keys() and len(ours) > 3
+    for k in ours:
+        assert torch.equal(plain[k], ours[k]), k
+
+
+def test_model_card_content(tmp_path):
+    _trained_and_saved("vit", tmp_path)
+    card = (tmp_path / "final" / "README.md").read_text()
+    for needle in ("- mec-quant", "- torchao", "- qat", "W2A4", "W8A8", "mec_quant_plugin.from_pretrained",
+                   "WEIGHT-ONLY", '"mec_weight"', "train_loss"):
+        assert needle in card, needle
+
+
+def test_activation_steps_kept_out_of_the_transformers_file(tmp_path):
+    _trained_and_saved("llama", tmp_path)
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        assert not any("fake_quantizer" in k for k in f.keys())
+    with safe_open(str(tmp_path / "final" / "mec_quant_activations.safetensors"), "pt") as f:
+        assert any(k.endswith("activation_fake_quantizer.scale") for k in f.keys())
+
+
+def test_push_to_hub_uploads_exactly_the_saved_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["repo"] = repo_id
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["commit_repo"] = repo_id
+        calls["files"] = sorted(op.path_in_repo for op in operations)
+        return None
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    model, _ = TINY_MODELS["resnet"]()
+    cfg = MECQuantConfig(weight_bits=2, act_bits=2)
+    prepare_model(model, cfg)
+    model.train()
+    model(pixel_values=torch.randn(2, 3, 32, 32))
+    convert_model(model)
+    make_saveable(model, cfg, run_info={"repo_id": "me/resnet-w2a2"})
+    model.push_to_hub("me/resnet-w2a2", token="dummy")
+    assert calls["repo"] == calls["commit_repo"] == "me/resnet-w2a2"
+    assert calls["files"] == ["README.md", "config.json", "mec_quant_activations.safetensors",
+                              "mec_quant_config.json", "model.safetensors"]
+
+
+def test_make_saveable_needs_a_converted_model():
+    model, _ = TINY_MODELS["resnet"]()
+    prepare_model(model, MECQuantConfig())
+    with pytest.raises(ValueError, match="convert_model"):
+        make_saveable(model, MECQuantConfig())
+
+
+def test_from_pretrained_of_a_folder_not_saved_by_the_plugin(tmp_path):
+    model, _ = TINY_MODELS["resnet"]()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not saved by mec_quant_plugin"):
+        mec_quant_plugin.from_pretrained(str(tmp_path))

@@ -1,0 +1,52 @@
+"""An interrupted and resumed run ends with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from mec_quant_plugin import MECQuantConfig
+from trainer_helpers import make_trainer
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _run(tmp, config, stop_at=None, resume=None):
+    torch.manual_seed(0)
+    trainer, cb, _ = make_trainer("llama", str(tmp), config, max_steps=4, save_strategy="no",
+                                  learning_rate=1e-2, weight_decay=0.01, rows=16)
+    cb.convert_on_train_end = False
+    if stop_at is not None:
+        trainer.add_callback(_StopAt(stop_at))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("view", ["self", "teacher"])
+def test_resume_equals_uninterrupted(view, tmp_path):
+    config = MECQuantConfig(weight_bits=2, act_bits=4, mec_view=view, mec_weight=0.5)
+    full = _run(tmp_path / "full", config)
+    part = _run(tmp_path / "part", config, stop_at=2)
+    assert part.state.global_step == 2
+    ckpt = tmp_path / "part" / "checkpoint-2"
+    assert ckpt.exists()
+    resumed = _run(tmp_path / "part", config, resume=str(ckpt))
+    assert resumed.state.global_step == 4
+    a = dict(full.model.named_parameters())
+    b = dict(resumed.model.named_parameters())
+    assert a.keys() == b.keys()
+    assert any("activation_fake_quantizer.scale" in k for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    for k, buf in full.model.named_buffers():
+        assert torch.equal(buf, dict(resumed.model.named_buffers())[k]), k

@@ -15,9 +15,19 @@ intermediate tensors that plain autograd would keep.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
+
+
+def _scaled_sum_to(t: torch.Tensor, shape: torch.Size, g: float) -> torch.Tensor:
+    """g * (t summed to `shape`), in the order the original formula used (bit-identical):
+    per-tensor parameters scale every element first, then sum; others sum first. `t` must be a
+    temporary of this backward: the per-tensor case scales it in place."""
+    if len(shape) == 0:
+        return t.mul_(g).sum()
+    return _sum_to(t, shape) * g
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -33,12 +43,15 @@ class _LSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
-        shifted = x - offset if offset is not None else x
-        v = shifted / scale
-        q = torch.clamp(torch.round(v), qmin, qmax)
-        y = q * scale
+        # One output buffer updated in place: the same ops (and bits) as
+        # clamp(round((x - offset) / scale)) * scale + offset without four temporaries.
         if offset is not None:
-            y = y + offset
+            y = torch.sub(x, offset).div_(scale)
+        else:
+            y = torch.div(x, scale)
+        y.round_().clamp_(qmin, qmax).mul_(scale)
+        if offset is not None:
+            y.add_(offset)
         ctx.save_for_backward(x, scale, offset)
         ctx.qrange = (qmin, qmax, grad_scale)
         return y
@@ -47,15 +60,21 @@ class _LSQ(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, scale, offset = ctx.saved_tensors
         qmin, qmax, g = ctx.qrange
-        v = (x - offset) / scale if offset is not None else x / scale
-        inside = (v >= qmin) & (v <= qmax)
-        q = torch.clamp(torch.round(v), qmin, qmax)
-        grad_x = grad_y * inside if ctx.needs_input_grad[0] else None
-        grad_s = grad_o = None
+        v = torch.sub(x, offset).div_(scale) if offset is not None else torch.div(x, scale)
+        # clamp(v) == v exactly when qmin <= v <= qmax (NaN: outside, as before); and
+        # round(clamp(v)) == clamp(round(v)) because the bounds are integers.
+        q = torch.clamp(v, qmin, qmax)
+        outside = q != v
+        q.round_()
+        grad_x = grad_s = grad_o = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y.masked_fill(outside, 0.0)
         if ctx.needs_input_grad[1]:
-            grad_s = _sum_to(grad_y * torch.where(inside, q - v, q), scale.shape) * g
+            # (q - v) inside the range, the clipped level q outside.
+            r = q.sub_(v.masked_fill_(outside, 0.0)).mul_(grad_y)
+            grad_s = _scaled_sum_to(r, scale.shape, g)
         if offset is not None and ctx.needs_input_grad[2]:
-            grad_o = _sum_to(grad_y * (~inside), offset.shape) * g
+            grad_o = _scaled_sum_to(grad_y * outside, offset.shape, g)
         return grad_x, grad_s, grad_o, None, None, None
 
 
@@ -85,6 +104,8 @@ def _fp32(fn):
 
     def wrapper(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return fn(self, x)  # the common fp32 case: no casts, no autocast context to enter
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = fn(self, x.float())
         return y.to(dtype)
@@ -97,6 +118,16 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).sum().item()
         raise ValueError(f"{what} contains {bad} NaN/inf values; cannot initialize its step size.")
+
+
+_MIN_STEP = 1e-8
+
+
+def _positive(scale: torch.Tensor) -> torch.Tensor:
+    """|s| floored at 1e-8: Adam moves a parameter by ~lr per step whatever its gradient, so a
+    step size of ~0.01 can cross zero within a few dozen steps at lr=1e-3; a negative or zero
+    step would flip or divide by zero. Identity (and gradient 1) for every normal positive s."""
+    return scale.abs().clamp_min(_MIN_STEP)
 
 
 def _average_across_ranks(*tensors: torch.Tensor) -> None:
@@ -210,9 +241,9 @@ class WeightFakeQuantizer(nn.Module):
         """Fake-quantized weight, same shape and dtype as `weight`."""
         w = self._grouped(weight)
         if self.bits == 1 and not self.ternary:
-            wq = _Binary.apply(w, self.scale, self.grad_scale)
+            wq = _Binary.apply(w, _positive(self.scale), self.grad_scale)
         else:
-            wq = _LSQ.apply(w, self.scale, None, float(self.qmin), float(self.qmax), self.grad_scale)
+            wq = _LSQ.apply(w, _positive(self.scale), None, float(self.qmin), float(self.qmax), self.grad_scale)
         return self._ungrouped(wq, weight)
 
     @torch.no_grad()
@@ -224,7 +255,7 @@ class WeightFakeQuantizer(nn.Module):
         scale 2*alpha and zero point -0.5, which torchao's int1 dtype represents exactly.
         """
         w = self._grouped(weight.detach().float())
-        s = self.scale.detach().float()
+        s = _positive(self.scale.detach().float())
         if self.bits == 1 and not self.ternary:
             q = torch.where(w >= 0, 0.0, -1.0)
             return q, (2 * s).squeeze(-1), torch.full_like(s, -0.5).squeeze(-1)
@@ -321,16 +352,18 @@ class ActivationFakeQuantizer(nn.Module):
         initialized, signed = self._read_flags()
         if not initialized:
             if not self.training:
-                raise RuntimeError(
-                    "ActivationFakeQuantizer was never initialized: run one training forward or "
-                    "call calibrate_activations(model, batch) before evaluating."
+                # e.g. Trainer(eval_on_start=True): better a calibrated model than a crash.
+                warnings.warn(
+                    "ActivationFakeQuantizer was never initialized by a training forward; calibrating it "
+                    "from this evaluation batch (call calibrate_activations(model, batch) to choose the data).",
+                    stacklevel=2,
                 )
             self.calibrate(x)
             signed = self._read_flags()[1]
         qmin, qmax = self.qrange
         g = 1.0 / math.sqrt(max(x[0].numel() if x.dim() > 1 else x.numel(), 1) * max(qmax, 1))
         offset = self.offset if signed else None
-        return _LSQ.apply(x, self.scale, offset, float(qmin), float(qmax), g)
+        return _LSQ.apply(x, _positive(self.scale), offset, float(qmin), float(qmax), g)
 
     def extra_repr(self) -> str:
         kind = "signed+offset" if bool(self.signed) else "unsigned"

@@ -1,0 +1,33 @@
+"""The coding-length objective of MEC-Quant: pure tensor functions plus small modules.
+
+- `coding_length_loss` / `exact_coding_length`: MEC's term (Taylor series, even order) and its
+  exact fp64 log det;
+- `mixture_coding_length_loss`: the mixture-of-experts reformulation (magnitude / gate / features);
+- `adaptive_lambda`, `center_features`: conditioning that keeps the series convergent;
+- `FeatureCapture`: forward hooks recording the representation (head input, block outputs);
+- `MECRegularizer`, `make_teacher`: the term as one module driven by the training step;
+- `gather_rows`: gradient-preserving all-gather for data parallelism.
+"""
+
+from .capture import FeatureCapture, find_blocks, resolve_taps
+from .coding_length import coding_length_loss, exact_coding_length
+from .conditioning import adaptive_lambda, center_features, normalize_rows, warmup_lambda_scale
+from .distributed import gather_rows
+from .mixture import mixture_coding_length_loss
+from .regularizer import MECRegularizer, make_teacher
+
+__all__ = [
+    "FeatureCapture",
+    "MECRegularizer",
+    "adaptive_lambda",
+    "center_features",
+    "coding_length_loss",
+    "exact_coding_length",
+    "find_blocks",
+    "gather_rows",
+    "make_teacher",
+    "mixture_coding_length_loss",
+    "normalize_rows",
+    "resolve_taps",
+    "warmup_lambda_scale",
+]

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .base import FakeQuantizedModule
+from .recompute import call_with_recomputed_operands
 from .registry import register_fake_quantized
 
 
@@ -16,4 +17,6 @@ class FakeQuantizedConv2d(FakeQuantizedModule, nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return call_with_recomputed_operands(
+            self._conv_forward, [(self.activation_fake_quantizer, x), (self.weight_fake_quantizer, self.weight)], self.bias
+        )

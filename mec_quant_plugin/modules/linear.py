@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FakeQuantizedModule
+from .recompute import call_with_recomputed_operands
 from .registry import register_fake_quantized
 
 
@@ -13,4 +14,6 @@ class FakeQuantizedLinear(FakeQuantizedModule, nn.Linear):
     """nn.Linear with LSQ fake-quantized weight (per output row) and input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return call_with_recomputed_operands(
+            F.linear, [(self.activation_fake_quantizer, x), (self.weight_fake_quantizer, self.weight)], self.bias
+        )

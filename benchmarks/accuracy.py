@@ -1,0 +1,132 @@
+"""Accuracy benchmark on real Fashion-MNIST: FP reference, PTQ, plain LSQ QAT and MEC-Quant variants.
+
+Protocol (benchmarks/README.md): one converged FP model (trained here once, cached); every method
+then trains for the same number of steps from that same start with the same data order (the
+Trainer's seed), per seed; the FP model fine-tuned for the same steps is the fair reference.
+Each finished run is appended to the results JSON at once (an interrupted benchmark keeps what
+it measured), with the command, commit, machine and seconds.
+
+    python benchmarks/accuracy.py --bits W2A2 --seeds 0 1 2 --methods fp plain mec
+    python benchmarks/accuracy.py --bits W2A2 --seeds 0 --methods "mec:mec_weight=1.0" "mec:mec_view=teacher"
+
+A method is `fp`, `ptq`, `plain` (mec_weight=0) or `mec[:field=value,...]` where the fields are
+MECQuantConfig fields (e.g. mec_weight, mec_view, mec_lambda_mode, mec_eps2_per_dim, mec_center).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mec_quant_plugin import MECQuantConfig, calibrate_activations, convert_model, prepare_model
+from mec_quant_plugin.recipes.fashion_mnist import (
+    accuracy,
+    collate,
+    fashion_mnist_datasets,
+    machine,
+    model_bytes,
+    pretrain_fp,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_bits(text: str) -> tuple[int, int | None]:
+    w, a = text.upper().removeprefix("W").split("A")
+    return int(w), (None if a in ("", "FLOAT", "16", "32") else int(a))
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    name, _, rest = text.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=")
+        overrides[key] = json.loads(value) if value not in ("self", "teacher", "fixed", "adaptive", "head", "blocks",
+                                                            "magnitude", "gate", "features", "head+blocks") else value
+    if name not in ("fp", "ptq", "plain", "mec"):
+        raise SystemExit(f"unknown method {text!r}: use fp, ptq, plain or mec[:field=value,...]")
+    return name, overrides
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "mec_quant_plugin", "benchmarks/accuracy.py"],
+                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        return sha + ("+uncommitted" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None], seed: int, fp, train_ds, test_ds,
+            work: Path, steps: int, lr: float) -> dict[str, Any]:
+    wbits, abits = bits
+    start = time.perf_counter()
+    if method == "fp":
+        model, _ = train(copy.deepcopy(fp), train_ds, str(work / "fp-ft"), max_steps=steps, lr=lr, seed=seed)
+    elif method == "ptq":  # round to nearest with MSE-initialized steps, activations calibrated on one batch
+        model = prepare_model(copy.deepcopy(fp), MECQuantConfig(weight_bits=wbits, act_bits=abits))
+        torch.manual_seed(seed)
+        idx = torch.randperm(len(train_ds))[:128].tolist()
+        calibrate_activations(model, pixel_values=collate([train_ds[i] for i in idx])["pixel_values"])
+        model = convert_model(model)
+    else:
+        cfg = MECQuantConfig(weight_bits=wbits, act_bits=abits)
+        cfg = cfg.replace(mec_weight=0.0) if method == "plain" else cfg.replace(**overrides)
+        model, _ = train(copy.deepcopy(fp), train_ds, str(work / "qat"), max_steps=steps, lr=lr, seed=seed, config=cfg)
+    return {"accuracy": accuracy(model, test_ds), "bytes": model_bytes(model),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", nargs="+", default=["W2A2"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["fp", "ptq", "plain", "mec"])
+    parser.add_argument("--fp-steps", type=int, default=1407, help="FP pre-training steps (3 epochs at batch 128)")
+    parser.add_argument("--qat-steps", type=int, default=235, help="steps of every method after the FP start")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", default=str(ROOT / "results" / "fashion_mnist.json"))
+    parser.add_argument("--work-dir", default="outputs/bench-fashion-mnist")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    methods = [(m, *parse_method(m)) for m in args.methods]
+    train_ds, test_ds = fashion_mnist_datasets()
+    work = Path(args.work_dir)
+    fp = pretrain_fp(str(work), train_ds, steps=args.fp_steps, seed=0)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    results.update(protocol={"fp_steps": args.fp_steps, "qat_steps": args.qat_steps, "lr": args.lr,
+                             "batch_size": 128, "model": "ResNet (16-32-64, basic blocks), transformers config",
+                             "edge_layers": "8bit (stem conv and classifier W8A8)"},
+                   fp_start_accuracy=accuracy(fp, test_ds))
+    for bits in args.bits:
+        for label, method, overrides in methods:
+            for seed in args.seeds:
+                if method == "ptq" and seed != args.seeds[0]:
+                    continue  # deterministic: one run is enough
+                if method == "fp" and bits != args.bits[0]:
+                    continue  # the FP reference does not depend on the bits
+                res = run_one(method, overrides, parse_bits(bits) if method != "fp" else (32, 32), seed, fp,
+                              train_ds, test_ds, work, args.qat_steps, args.lr)
+                entry = {"bits": bits if method != "fp" else "FP", "method": label, "seed": seed, **res,
+                         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+                         "commit": commit(), "machine": machine()}
+                results["runs"].append(entry)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=2))
+                print(f"{entry['bits']:>5} {label:<40} seed {seed}: {100 * res['accuracy']:.2f}% "
+                      f"({res['seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

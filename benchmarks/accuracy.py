@@ -104,18 +104,23 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir)
     fp = pretrain_fp(str(work), train_ds, steps=args.fp_steps, seed=0)
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    results = json.loads(out.read_text()) if out.exists() else {"runs": []}  # appended to, resumable
     results.update(protocol={"fp_steps": args.fp_steps, "qat_steps": args.qat_steps, "lr": args.lr,
                              "batch_size": 128, "model": "ResNet (16-32-64, basic blocks), transformers config",
                              "edge_layers": "8bit (stem conv and classifier W8A8)"},
                    fp_start_accuracy=accuracy(fp, test_ds))
-    for bits in args.bits:
-        for label, method, overrides in methods:
-            for seed in args.seeds:
+    # Seed-major order: an interrupted run still leaves a complete table for the first seeds.
+    for seed in args.seeds:
+        for bits in args.bits:
+            for label, method, overrides in methods:
                 if method == "ptq" and seed != args.seeds[0]:
                     continue  # deterministic: one run is enough
                 if method == "fp" and bits != args.bits[0]:
                     continue  # the FP reference does not depend on the bits
+                label_bits = bits if method != "fp" else "FP"
+                if any((r["bits"], r["method"], r["seed"]) == (label_bits, label, seed) for r in results["runs"]):
+                    print(f"{label_bits:>5} {label:<40} seed {seed}: already in {out.name}, skipped", flush=True)
+                    continue  # resuming an interrupted benchmark
                 res = run_one(method, overrides, parse_bits(bits) if method != "fp" else (32, 32), seed, fp,
                               train_ds, test_ds, work, args.qat_steps, args.lr)
                 entry = {"bits": bits if method != "fp" else "FP", "method": label, "seed": seed, **res,

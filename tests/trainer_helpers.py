@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from tiny_models import TINY_MODELS
 from transformers import Trainer, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig
-from tiny_models import TINY_MODELS
 
 
 def dataset_like(batch: dict[str, torch.Tensor], rows: int = 16, seed: int = 0) -> Dataset:

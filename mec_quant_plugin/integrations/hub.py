@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,7 +69,7 @@ def activation_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def make_saveable(
-    model: nn.Module, config: MECQuantConfig, *, run_info: Optional[dict[str, Any]] = None
+    model: nn.Module, config: MECQuantConfig, *, run_info: dict[str, Any] | None = None
 ) -> nn.Module:
     """Attach the torchao quantizer transformers needs to save a converted model, and make its
     `save_pretrained` also write `mec_quant_config.json` and the model card.

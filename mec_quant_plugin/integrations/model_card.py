@@ -48,7 +48,7 @@ def write_model_card(model: nn.Module, config: MECQuantConfig, run_info: dict[st
         "",
         f"# {name}: MEC-Quant W{config.weight_bits or 'float'}A{config.act_bits or 'float'}",
         "",
-        f"Quantization-aware trained with [mec-quant-plugin](https://pypi.org/project/mec-quant-plugin/)"
+        "Quantization-aware trained with [mec-quant-plugin](https://pypi.org/project/mec-quant-plugin/)"
         + (f" from `{base}`" if base else "")
         + (f" for {task}" if task else "")
         + ". Weights are stored as torchao `IntxUnpackedToInt8Tensor` (one int8 byte per weight plus "

@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,15 +110,15 @@ class MECQuantCallback(TrainerCallback):
 
     def __init__(
         self,
-        config: Optional[MECQuantConfig] = None,
+        config: MECQuantConfig | None = None,
         *,
         convert_on_train_end: bool = True,
-        run_info: Optional[dict[str, Any]] = None,
+        run_info: dict[str, Any] | None = None,
     ) -> None:
         self.config = config or MECQuantConfig()
         self.convert_on_train_end = convert_on_train_end
         self.run_info = dict(run_info or {})
-        self.regularizer: Optional[MECRegularizer] = None
+        self.regularizer: MECRegularizer | None = None
         self.trainer: Any = None
         self._hook: Any = None
         self._sums: dict[str, float] = {}
@@ -151,7 +151,7 @@ class MECQuantCallback(TrainerCallback):
             self._configure_trainer(trainer, model)
         return control
 
-    def attach(self, model: nn.Module, teacher: Optional[nn.Module] = None) -> None:
+    def attach(self, model: nn.Module, teacher: nn.Module | None = None) -> None:
         """Build the regularizer and the loss hook on an already prepared model."""
         self.regularizer = MECRegularizer(model, self.config, teacher=teacher)
         if len(self.regularizer.gates):

@@ -18,7 +18,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -43,7 +43,7 @@ def build_model(seed: int = 0) -> ResNetForImageClassification:
     return ResNetForImageClassification(config)
 
 
-def fashion_mnist_datasets(train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> tuple[Dataset, Dataset]:
+def fashion_mnist_datasets(train_limit: int | None = None, test_limit: int | None = None) -> tuple[Dataset, Dataset]:
     """Fashion-MNIST as `datasets.Dataset`s of uint8 `pixel_values` (1x28x28) and `labels`."""
     out = []
     for split, limit in (("train", train_limit), ("test", test_limit)):
@@ -92,7 +92,7 @@ def train(
     max_steps: int,
     lr: float,
     seed: int,
-    config: Optional[MECQuantConfig] = None,
+    config: MECQuantConfig | None = None,
 ) -> tuple[nn.Module, float]:
     """Train with the Trainer (plus MECQuantCallback when `config` is given); returns the model
     (converted when quantized) and the wall seconds."""
@@ -140,7 +140,7 @@ def run_default(
     output_dir: str = "outputs/mec-quant-demo",
     *,
     weight_bits: int = 2,
-    act_bits: Optional[int] = 2,
+    act_bits: int | None = 2,
     seed: int = 0,
     quick: bool = False,
 ) -> dict[str, Any]:

@@ -27,8 +27,9 @@ def _train(rank: int, world: int, port: int, out_dir: str, per_device: int) -> N
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    from mec_quant_plugin import MECQuantConfig
     from trainer_helpers import make_trainer
+
+    from mec_quant_plugin import MECQuantConfig
 
     # act_bits=None: activation steps calibrate per rank then average, which is not the same
     # number as calibrating on the concatenated batch; weights init identically everywhere.

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import TINY_MODELS
+from trainer_helpers import make_trainer
 
 import mec_quant_plugin
 from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model
-from tiny_models import TINY_MODELS
-from trainer_helpers import make_trainer
 
 
 def _trained_and_saved(name: str, folder: Path, act_bits=4):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainer_helpers import make_trainer
 from transformers import TrainerCallback
 
 from mec_quant_plugin import MECQuantConfig
-from trainer_helpers import make_trainer
 
 
 class _StopAt(TrainerCallback):

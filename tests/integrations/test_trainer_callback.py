@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import TINY_MODELS
+from trainer_helpers import dataset_like, make_trainer
 from transformers import Trainer, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig, prepare_model
 from mec_quant_plugin.modules import FakeQuantizedModule
-from tiny_models import TINY_MODELS
-from trainer_helpers import dataset_like, make_trainer
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

@@ -42,7 +42,11 @@ class _LSQ(torch.autograd.Function):
     """y = (clamp(round((x - offset) / s), qmin, qmax)) * s + offset with LSQ/LSQ+ gradients."""
 
     @staticmethod
-    def forward(ctx, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
+    def forward(ctx, x, scale, offset, qmin: float, qmax: float, grad_scale: float, idle=None):
+        # `idle`: a parameter this call does not use (the offset of an unsigned quantizer) that
+        # gets an explicit zero gradient, so plain DDP (find_unused_parameters=False) does not
+        # wait forever for it.
+        ctx.idle_shape = None if idle is None else idle.shape
         # One output buffer updated in place: the same ops (and bits) as
         # clamp(round((x - offset) / scale)) * scale + offset without four temporaries.
         if offset is not None:
@@ -75,7 +79,8 @@ class _LSQ(torch.autograd.Function):
             grad_s = _scaled_sum_to(r, scale.shape, g)
         if offset is not None and ctx.needs_input_grad[2]:
             grad_o = _scaled_sum_to(grad_y * outside, offset.shape, g)
-        return grad_x, grad_s, grad_o, None, None, None
+        grad_idle = None if ctx.idle_shape is None else grad_y.new_zeros(ctx.idle_shape)
+        return grad_x, grad_s, grad_o, None, None, None, grad_idle
 
 
 class _Binary(torch.autograd.Function):
@@ -363,7 +368,8 @@ class ActivationFakeQuantizer(nn.Module):
         qmin, qmax = self.qrange
         g = 1.0 / math.sqrt(max(x[0].numel() if x.dim() > 1 else x.numel(), 1) * max(qmax, 1))
         offset = self.offset if signed else None
-        return _LSQ.apply(x, _positive(self.scale), offset, float(qmin), float(qmax), g)
+        idle = None if signed else self.offset
+        return _LSQ.apply(x, _positive(self.scale), offset, float(qmin), float(qmax), g, idle)
 
     def extra_repr(self) -> str:
         kind = "signed+offset" if bool(self.signed) else "unsigned"

@@ -381,8 +381,9 @@ def print_tables(layer_rows: list[dict], train_rows: list[dict]) -> None:
         print(f"{'':48s} {'QAT/FP':9s} {r['time_ratio']:8.2f} {r['transient_mem_ratio']:10.2f} {r['total_mem_ratio']:8.2f}")
         p = r["prototype_ratios"]
         print(f"{'':48s} {'proto/FP':9s} {p['time']:8.2f} {p['transient_mem']:10.2f} {p['total_mem']:8.2f}")
-    print(f"({PROTO} = QAT W2A2 + a benchmark-only prototype that recomputes quantized activations"
-          " in backward instead of saving them; not part of the package)")
+    print(f"({PROTO} = QAT W2A2 + the benchmark's first prototype of recomputing quantized operands in"
+          " backward; since commit 7f4c8b0 the package does this itself (modules/recompute.py), so"
+          " QAT W2A2 already includes it and the prototype adds nothing)")
 
 
 def check_targets(layer_rows: list[dict], train_rows: list[dict]) -> dict:

@@ -13,11 +13,12 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def summarize(paths: list[str]) -> dict[tuple[str, str], list[float]]:
+def summarize(paths: list[str], methods: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     for path in paths:
         for run in json.loads(Path(path).read_text())["runs"]:
-            groups[(run["bits"], run["method"])].append(100 * run["accuracy"])
+            if methods is None or run["method"] in methods or run["bits"] == "FP":
+                groups[(run["bits"], run["method"])].append(100 * run["accuracy"])
     return groups
 
 
@@ -38,7 +39,7 @@ def plot(groups: dict[tuple[str, str], list[float]], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bits_order = sorted({b for b, _ in groups if b != "FP"}, key=lambda b: (int(b[1]), b))
+    bits_order = sorted({b for b, _ in groups if b != "FP"}, key=lambda b: (-int(b[1]), -int(b.split("A")[1])))
     methods = sorted({m for b, m in groups if b != "FP"})
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in methods:
@@ -67,8 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+")
     parser.add_argument("--plot", default=None, help="write the accuracy-vs-bits PNG here")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (FP always kept)")
     args = parser.parse_args()
-    groups = summarize(args.results)
+    groups = summarize(args.results, args.methods)
     print(table(groups))
     if args.plot:
         plot(groups, args.plot)

@@ -704,6 +704,19 @@ def _run_builtin_default(parser, run: RunArguments, config, opts: TrainOptions, 
     return 0
 
 
+def _resolve_task(parser: argparse.ArgumentParser, model: str, dataset: str | None, task: str | None) -> str:
+    """Check that a local model folder exists and infer the task when not given (train and eval)."""
+    from .data.models import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not os.path.isdir(path) and _looks_like_path(model):
+        parser.error(f"model folder {model!r} not found.")
+    task = task or infer_task(dataset, path)
+    if task is None:
+        parser.error(f"cannot infer the task: pass --task (one of {', '.join(TASKS)}).")
+    return task
+
+
 def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     from .config import MECQuantConfig
 
@@ -730,13 +743,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
         if getattr(data, name) is not None and getattr(data, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(data, name)}.")
 
-    from .data.models import resolve_model_path
-
-    if not os.path.isdir(resolve_model_path(data.model)) and _looks_like_path(data.model):
-        parser.error(f"model folder {data.model!r} not found.")
-    task = data.task or infer_task(data.dataset, resolve_model_path(data.model))
-    if task is None:
-        parser.error(f"cannot infer the task: pass --task (one of {', '.join(TASKS)}).")
+    task = _resolve_task(parser, data.model, data.dataset, data.task)
     output_dir = run.output_dir or f"outputs/mec-quant-{Path(data.model.rstrip('/')).name}"
     try:
         prepared = prepare_task(task, data.model, data, seed=opts.seed, train_split=data.train_split,
@@ -812,13 +819,7 @@ def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list
     args = _dataclass_from(ns, EvalArguments)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}.")
-    from .data.models import resolve_model_path
-
-    if not os.path.isdir(resolve_model_path(args.model)) and _looks_like_path(args.model):
-        parser.error(f"model folder {args.model!r} not found.")
-    task = args.task or infer_task(args.dataset, resolve_model_path(args.model))
-    if task is None:
-        parser.error(f"cannot infer the task: pass --task (one of {', '.join(TASKS)}).")
+    task = _resolve_task(parser, args.model, args.dataset, args.task)
     try:
         model = load_for_eval(args.model, task)
         prepared = prepare_task(task, args.model, args, seed=args.seed, model=model, eval_split=args.split,

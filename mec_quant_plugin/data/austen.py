@@ -352,7 +352,6 @@ def austen_classification(
     With the real data and the defaults: 4,471 train / 1,127 test passages (569k / 143k words;
     736k / 185k all-MiniLM-L6-v2 tokens, ~164 per passage, at most 232).
     """
-    import datasets
 
     if passage_words < 1:
         raise ValueError(f"passage_words must be >= 1, got {passage_words}.")
@@ -370,15 +369,22 @@ def austen_classification(
             n = min((len(b) for b in by_label if b), default=0)
             keep = {id(r) for b in by_label for r in (rng.sample(b, n) if len(b) > n else b)}
             rows[split] = [r for r in split_rows if id(r) in keep]
+    return _dataset_dict(rows, "label")
+
+
+def _dataset_dict(rows: dict[str, list[tuple[str, int, int]]], label_column: str):
+    """(text, label, chapter) rows per split -> DatasetDict with `label_column` as a ClassLabel."""
+    import datasets
+
     return datasets.DatasetDict(
         {
             split: datasets.Dataset.from_dict(
                 {
                     "text": [r[0] for r in split_rows],
-                    "label": [r[1] for r in split_rows],
+                    label_column: [r[1] for r in split_rows],
                     "chapter": [r[2] for r in split_rows],
                 },
-                features=_features("label"),
+                features=_features(label_column),
             )
             for split, split_rows in rows.items()
         }
@@ -396,21 +402,8 @@ def austen_language_modeling(test_fraction: float = 0.1, seed: int = 0, *, data_
     With the real data and the defaults: 242 train / 27 test chapters (643k / 74k words; 822k / 95k
     SmolLM2 tokens).
     """
-    import datasets
 
     rows = {"train": [], "test": []}
     for label, _title, index, text, is_test in _chapter_split(novel_chapters(data_dir), test_fraction, seed):
         rows["test" if is_test else "train"].append((text, label, index))
-    return datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(
-                {
-                    "text": [r[0] for r in split_rows],
-                    "novel": [r[1] for r in split_rows],
-                    "chapter": [r[2] for r in split_rows],
-                },
-                features=_features("novel"),
-            )
-            for split, split_rows in rows.items()
-        }
-    )
+    return _dataset_dict(rows, "novel")

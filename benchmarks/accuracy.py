@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,40 +30,13 @@ from mec_quant_plugin.recipes.fashion_mnist import (
     accuracy,
     collate,
     fashion_mnist_datasets,
-    machine,
     model_bytes,
     pretrain_fp,
     train,
 )
 
-ROOT = Path(__file__).resolve().parent
-
-
-def parse_bits(text: str) -> tuple[int, int | None]:
-    w, a = text.upper().removeprefix("W").split("A")
-    return int(w), (None if a in ("", "FLOAT", "16", "32") else int(a))
-
-
-def parse_method(text: str) -> tuple[str, dict[str, Any]]:
-    name, _, rest = text.partition(":")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, value = item.split("=")
-        overrides[key] = json.loads(value) if value not in ("self", "teacher", "fixed", "adaptive", "head", "blocks",
-                                                            "magnitude", "gate", "features", "head+blocks") else value
-    if name not in ("fp", "ptq", "plain", "mec"):
-        raise SystemExit(f"unknown method {text!r}: use fp, ptq, plain or mec[:field=value,...]")
-    return name, overrides
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "mec_quant_plugin", "benchmarks/accuracy.py"],
-                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        return sha + ("+uncommitted" if dirty else "")
-    except OSError:
-        return "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, commit, machine, parse_bits, parse_method  # noqa: E402
 
 
 def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None], seed: int, fp, train_ds, test_ds,
@@ -125,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                               train_ds, test_ds, work, args.qat_steps, args.lr)
                 entry = {"bits": bits if method != "fp" else "FP", "method": label, "seed": seed, **res,
                          "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                         "commit": commit(), "machine": machine()}
+                         "commit": commit("benchmarks/accuracy.py"), "machine": machine()}
                 results["runs"].append(entry)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(results, indent=2))

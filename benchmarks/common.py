@@ -1,0 +1,54 @@
+"""Pieces every benchmark script shares: method and bits parsing, the commit stamp, the machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mec_quant_plugin.recipes.fashion_mnist import machine as cpu_machine
+
+ROOT = Path(__file__).resolve().parent
+METHOD_NAMES = ("fp", "ptq", "plain", "mec", "torchao")
+_STRING_VALUES = ("self", "teacher", "fixed", "adaptive", "head", "blocks", "magnitude", "gate", "features",
+                  "head+blocks")
+
+
+def parse_bits(text: str) -> tuple[int, int | None]:
+    """'W2A2' -> (2, 2); 'W4' or 'W4A16' / 'W4Afloat' -> (4, None): weight-only."""
+    w, _, a = text.upper().removeprefix("W").partition("A")
+    return int(w), (None if a in ("", "FLOAT", "16", "32") else int(a))
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """'mec:mec_weight=1.0,mec_view=teacher' -> ('mec', {'mec_weight': 1.0, 'mec_view': 'teacher'})."""
+    name, _, rest = text.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=")
+        overrides[key] = value if value in _STRING_VALUES else json.loads(value)
+    if name not in METHOD_NAMES:
+        raise SystemExit(f"unknown method {text!r}: use {', '.join(METHOD_NAMES[:-1])}[:field=value,...] or torchao")
+    return name, overrides
+
+
+def commit(*paths: str) -> str:
+    """HEAD, marked '+uncommitted' when the package or the given benchmark files differ from it."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "mec_quant_plugin", *paths],
+                               capture_output=True, text=True, cwd=ROOT.parent).stdout.strip()
+        return (sha or "unknown") + ("+uncommitted" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, threads, torch version, and the GPU when one is used."""
+    info = cpu_machine()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -7,7 +7,7 @@
 set -u
 budget=${BUDGET_S:-540}
 start=$(date +%s)
-left() { echo $((budget - ($(date +%s) - start))); }
+left() { local l=$((budget - ($(date +%s) - start))); echo $((l > 1 ? l : 1)); }  # timeout 0 would mean none
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD MEC_QUANT_AUSTEN_DIR=$PWD/.carry/janeaustenr PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false

@@ -527,6 +527,12 @@ class Prepared:
 
 
 def _load_model(task: str, path: str, name: str, **kwargs: Any):
+    # Trained weights stay float32 (the optimizer's master copy; --bf16/--fp16 autocast the compute):
+    # transformers 5 otherwise loads a checkpoint in its stored dtype, and fp16 weights trained
+    # without a loss scaler turn to NaN within a few steps (seen on all-MiniLM-L6-v2 stored in fp16).
+    import torch
+
+    kwargs.setdefault("dtype", torch.float32)
     try:
         return _auto_class(task).from_pretrained(path, **kwargs)
     except Exception as exc:

@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
                              "eval_examples": len(prepared.eval), "metric": spec["metric"],
                              "weight_granularity": "per_channel", "edge_layers": "8bit"})
     print(f"{args.task}: {len(prepared.train)} train / {len(prepared.eval)} eval examples", flush=True)
+    if "fp_start_metric" not in results:  # the FP start itself, before any of the methods' steps
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        results["fp_start_metric"] = evaluate(copy.deepcopy(fp).to(device), prepared.eval, prepared.collator,
+                                              prepared.task, batch_size=16)[spec["metric"]]
+        print(f"FP start: {spec['metric']} {results['fp_start_metric']:.4f}", flush=True)
     for seed in args.seeds:  # seed-major: an interrupted run still leaves complete tables for the first seeds
         for bits in args.bits:
             for label, method, overrides in methods:

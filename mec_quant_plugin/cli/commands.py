@@ -1,0 +1,202 @@
+"""The `mec-quant` sub-commands: train (incl. the built-in default job), eval, convert."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .arguments import (
+    ConvertArguments,
+    DataArguments,
+    EvalArguments,
+    RunArguments,
+    TrainOptions,
+    _dataclass_from,
+    _extra_training_arguments,
+)
+from .checkpoint import convert_checkpoint
+from .common import DEFAULT_DEMO_DIR, TASKS, TRAIN_CONFIG_FILE, CLIError, _first_line
+from .data import _looks_like_path
+from .models import infer_task, load_for_eval
+from .tasks import evaluate, prepare_task
+
+logger = logging.getLogger("mec_quant_plugin")
+
+
+def _save_train_config_callback(config):
+    from transformers import TrainerCallback
+
+    class SaveMECConfig(TrainerCallback):
+        """Writes the run's MECQuantConfig into every checkpoint, for `mec-quant convert`."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    (folder / TRAIN_CONFIG_FILE).write_text(config.to_json())
+            return control
+
+    return SaveMECConfig()
+
+
+def _run_builtin_default(parser, run: RunArguments, config, opts: TrainOptions, data: DataArguments) -> int:
+    from ..config import MECQuantConfig
+
+    ignored = [
+        f.name for f in dataclasses.fields(MECQuantConfig)
+        if f.name not in ("weight_bits", "act_bits", "step") and getattr(config, f.name) != f.default
+    ]
+    if data.task not in (None, "image-classification") or any(
+        getattr(data, n) is not None for n in ("dataset_config", "eval_split", "max_train_samples")
+    ):
+        parser.error("the built-in default job takes no data options: give --model and --dataset for your own job.")
+    if ignored:
+        logger.warning("The built-in default job uses only --weight-bits, --act-bits, --seed, --output-dir, --quick; "
+                       "ignored: %s", ", ".join(ignored))
+    from ..data.fashion_mnist import FashionMNISTNotFound
+    from ..recipes.fashion_mnist import run_default
+
+    try:
+        results = run_default(output_dir=run.output_dir or DEFAULT_DEMO_DIR, weight_bits=config.weight_bits,
+                              act_bits=config.act_bits, seed=opts.seed, quick=run.quick)
+    except FashionMNISTNotFound as exc:
+        print(f"mec-quant train: error: {exc}", file=sys.stderr)
+        return 1
+    if run.push_to_hub:
+        logger.warning("--push-to-hub is not used by the built-in default job; push %s yourself.",
+                       f"{run.output_dir or DEFAULT_DEMO_DIR}/mec-quant")
+    if results is not None:
+        print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _resolve_task(parser: argparse.ArgumentParser, model: str, dataset: str | None, task: str | None) -> str:
+    """Check that a local model folder exists and infer the task when not given (train and eval)."""
+    from ..data.models import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not os.path.isdir(path) and _looks_like_path(model):
+        parser.error(f"model folder {model!r} not found.")
+    task = task or infer_task(dataset, path)
+    if task is None:
+        parser.error(f"cannot infer the task: pass --task (one of {', '.join(TASKS)}).")
+    return task
+
+
+def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
+    from ..config import MECQuantConfig
+
+    data = _dataclass_from(ns, DataArguments)
+    run = _dataclass_from(ns, RunArguments)
+    opts = _dataclass_from(ns, TrainOptions)
+    try:
+        config = MECQuantConfig.from_dict(
+            {f.name: getattr(ns, f.name) for f in dataclasses.fields(MECQuantConfig) if hasattr(ns, f.name)}
+        )
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    extra = _extra_training_arguments(parser, rest)
+    if data.model is None and data.dataset is None:
+        if extra:
+            parser.error("the built-in default job takes no TrainingArguments: give --model and --dataset for your own job.")
+        return _run_builtin_default(parser, run, config, opts, data)
+    if data.model is None or data.dataset is None:
+        parser.error("give both --model and --dataset (or neither, for the built-in default job).")
+    for name in ("block_size", "max_length"):
+        if getattr(data, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(data, name)}.")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(data, name) is not None and getattr(data, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(data, name)}.")
+
+    task = _resolve_task(parser, data.model, data.dataset, data.task)
+    output_dir = run.output_dir or f"outputs/mec-quant-{Path(data.model.rstrip('/')).name}"
+    try:
+        prepared = prepare_task(task, data.model, data, seed=opts.seed, train_split=data.train_split,
+                                eval_split=data.eval_split)
+    except CLIError as exc:
+        parser.error(str(exc))
+    except FileNotFoundError as exc:  # the built-in data sets say how to get them
+        parser.error(_first_line(exc))
+
+    from transformers import Trainer, TrainingArguments
+
+    from ..integrations.trainer import MECQuantCallback
+
+    targs = {f.name: getattr(opts, f.name) for f in dataclasses.fields(TrainOptions) if f.name != "resume_from_checkpoint"}
+    targs.update(output_dir=output_dir, remove_unused_columns=task != "image-classification")
+    targs.update(extra)
+    try:
+        args = TrainingArguments(**targs)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"invalid training arguments: {_first_line(exc)}")
+    run_info = {"base_model": data.model, "dataset": data.dataset, "task": task}
+    if run.push_to_hub:
+        run_info["repo_id"] = run.push_to_hub
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / TRAIN_CONFIG_FILE).write_text(config.to_json())
+    trainer = Trainer(
+        model=prepared.model, args=args, train_dataset=prepared.train, data_collator=prepared.collator,
+        processing_class=prepared.processing_class,
+        callbacks=[MECQuantCallback(config, run_info=run_info), _save_train_config_callback(config)],
+    )
+    trainer.train(resume_from_checkpoint=opts.resume_from_checkpoint)
+    model = trainer.model  # converted to torchao int weights by the callback at the end of training
+    metrics = evaluate(model, prepared.eval, prepared.collator, task, args.per_device_eval_batch_size)
+    info = model.__dict__.get("_mec_quant_run_info")
+    if isinstance(info, dict):
+        info.setdefault("metrics", {}).update(metrics)
+    if trainer.is_world_process_zero():
+        trainer.save_model(output_dir)
+        (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        print(json.dumps({"output_dir": output_dir, **metrics}, indent=2))
+        if run.push_to_hub:
+            try:
+                model.push_to_hub(run.push_to_hub)
+                if prepared.processing_class is not None:
+                    prepared.processing_class.push_to_hub(run.push_to_hub)
+            except Exception as exc:
+                print(f"mec-quant train: error: the model is saved in {output_dir}, but pushing to "
+                      f"{run.push_to_hub!r} failed: {_first_line(exc)}", file=sys.stderr)
+                return 1
+            print(f"pushed to https://huggingface.co/{run.push_to_hub}")
+    return 0
+
+
+def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = _dataclass_from(ns, EvalArguments)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}.")
+    task = _resolve_task(parser, args.model, args.dataset, args.task)
+    try:
+        model = load_for_eval(args.model, task)
+        prepared = prepare_task(task, args.model, args, seed=args.seed, model=model, eval_split=args.split,
+                                for_training=False)
+    except CLIError as exc:
+        parser.error(str(exc))
+    except FileNotFoundError as exc:
+        parser.error(_first_line(exc))
+    metrics = evaluate(prepared.model, prepared.eval, prepared.collator, task, args.batch_size)
+    print(json.dumps({"model": args.model, "dataset": args.dataset, "task": task, **metrics}, indent=2))
+    return 0
+
+
+def cmd_convert(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = _dataclass_from(ns, ConvertArguments)
+    if not Path(args.model).is_dir():
+        parser.error(f"checkpoint folder {args.model!r} not found.")
+    try:
+        out = convert_checkpoint(args.model, args.output_dir, args.config)
+    except CLIError as exc:
+        parser.error(str(exc))
+    print(f"converted {args.model} -> {out}")
+    return 0

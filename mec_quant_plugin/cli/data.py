@@ -1,0 +1,120 @@
+"""Data sets for `mec-quant`: loading (built-in, local file/folder, Hub), splits, columns, labels."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .common import BUILTIN_DATASETS, DATA_EXTENSIONS, CLIError, _first_line
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or Path(name).suffix.lower() in DATA_EXTENSIONS
+        or os.sep in name and os.path.exists(name.split(os.sep)[0]) and not os.path.exists(name)
+    )
+
+
+def load_raw_dataset(
+    name: str, task: str, *, config: str | None = None, max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+):
+    """A `datasets.DatasetDict` (or Dataset) for a built-in name, local path or Hub name."""
+    import datasets
+
+    key = name.lower()
+    if key in ("fashion_mnist", "fashion-mnist"):
+        from ..data.fashion_mnist import CLASSES, load_fashion_mnist
+
+        features = datasets.Features(
+            {"image": datasets.Array2D((28, 28), "uint8"), "label": datasets.ClassLabel(names=list(CLASSES))}
+        )
+        splits = {}
+        for split, limit in (("train", max_train_samples), ("test", max_eval_samples)):
+            x, y = load_fashion_mnist(split, limit=limit, normalize=False)
+            splits[split] = datasets.Dataset.from_dict({"image": x[:, 0].numpy(), "label": y.numpy()}, features=features)
+        return datasets.DatasetDict(splits)
+    if key in ("austen", "austen-lm"):
+        from ..data.austen import austen_classification, austen_language_modeling
+
+        if key == "austen" and task == "text-classification":
+            return austen_classification()
+        return austen_language_modeling()
+    path = Path(name).expanduser()
+    if path.is_file():
+        builder = DATA_EXTENSIONS.get(path.suffix.lower())
+        if builder is None:
+            raise CLIError(f"dataset file {name!r}: unknown extension (use one of {sorted(DATA_EXTENSIONS)}).")
+        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path))
+        if task == "image-classification":
+            return datasets.load_dataset("imagefolder", data_dir=str(path))
+        return datasets.load_dataset(str(path))
+    if _looks_like_path(name):
+        raise CLIError(f"dataset {name!r} not found: no such file or folder.")
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as exc:  # offline, unknown name, gated: all reported the same way
+        raise CLIError(
+            f"could not load dataset {name!r} ({type(exc).__name__}: {_first_line(exc)}). Give a Hub dataset name, a "
+            f"local file/folder, or one of {sorted(BUILTIN_DATASETS)}."
+        ) from exc
+
+
+def train_eval_splits(raw, train_split: str, eval_split: str | None, seed: int):
+    """(train, eval) Datasets: the named splits, else validation/test, else 10% held out of train."""
+    import datasets
+
+    if isinstance(raw, datasets.Dataset):
+        raw = datasets.DatasetDict({"train": raw})
+    if train_split not in raw:
+        raise CLIError(f"the dataset has no split {train_split!r} (splits: {list(raw)}).")
+    if eval_split is not None:
+        if eval_split not in raw:
+            raise CLIError(f"the dataset has no split {eval_split!r} (splits: {list(raw)}).")
+        return raw[train_split], raw[eval_split]
+    for candidate in ("validation", "valid", "test"):
+        if candidate in raw and candidate != train_split:
+            return raw[train_split], raw[candidate]
+    parts = raw[train_split].train_test_split(test_size=0.1, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _pick_column(ds, wanted: str | None, candidates: tuple[str, ...], what: str, option: str, kind: str | None = None) -> str:
+    if wanted is not None:
+        if wanted not in ds.column_names:
+            raise CLIError(f"no {what} column {wanted!r} in the dataset (columns: {ds.column_names}).")
+        return wanted
+    for c in candidates:
+        if c in ds.column_names:
+            return c
+    if kind == "string":
+        import datasets
+
+        for c, feat in ds.features.items():
+            if isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
+                return c
+    raise CLIError(f"cannot tell the {what} column among {ds.column_names}: pass {option}.")
+
+
+def _label_encoding(train, evals, column: str) -> tuple[list[str], dict[Any, int] | None]:
+    """Class names and, for non-ClassLabel columns, a value -> id mapping."""
+    import datasets
+
+    feat = train.features[column]
+    if isinstance(feat, datasets.ClassLabel):
+        return list(feat.names), None
+    values = sorted({*train[column], *(evals[column] if evals is not None and column in evals.column_names else [])},
+                    key=lambda v: (isinstance(v, str), v))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and values and values[0] >= 0:
+        return [str(i) for i in range(max(values) + 1)], None
+    return [str(v) for v in values], {v: i for i, v in enumerate(values)}
+
+
+def _limit(ds, n: int | None):
+    return ds if n is None or n >= len(ds) else ds.select(range(n))

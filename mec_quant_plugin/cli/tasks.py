@@ -1,0 +1,202 @@
+"""Per-task preprocessing (`prepare_task` -> `Prepared`) and a Trainer-free `evaluate`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .arguments import DataArguments, EvalArguments
+from .common import CLIError
+from .data import _label_encoding, _limit, _pick_column, load_raw_dataset, train_eval_splits
+from .models import _load_image_processor, _load_model, _load_tokenizer
+
+
+def _image_transform(model_config, processor, image_column: str, label_column: str, label_map, fashion: bool):
+    """A `with_transform` function: images -> `pixel_values` (model's channels and size) + `labels`."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    channels = getattr(model_config, "num_channels", 3)
+    size = getattr(model_config, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = tuple(size[-2:])
+    elif isinstance(size, int):
+        size = (size, size)
+    if fashion:
+        from ..data.fashion_mnist import MEAN, STD
+
+        mean, std = MEAN, STD
+    else:
+        mean, std = 0.5, 0.5
+
+    def to_chw(img) -> torch.Tensor:
+        arr = np.asarray(img.convert("RGB" if channels == 3 else "L") if hasattr(img, "convert") else img)
+        t = torch.as_tensor(arr)
+        if t.ndim == 2:
+            t = t.unsqueeze(0)
+        elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
+            t = t.permute(2, 0, 1)
+        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        if t.shape[0] == 4:
+            t = t[:3]
+        if t.shape[0] == 1 and channels == 3:
+            t = t.expand(3, -1, -1)
+        elif t.shape[0] == 3 and channels == 1:
+            t = t.mean(0, keepdim=True)
+        return t
+
+    def transform(batch: dict[str, list]) -> dict[str, Any]:
+        images = batch[image_column]
+        if processor is not None:
+            from PIL import Image
+
+            pil = [im if hasattr(im, "convert") else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
+            pil = [im.convert("RGB" if channels == 3 else "L") for im in pil]
+            pixels = list(processor(images=pil, return_tensors="pt")["pixel_values"])
+        else:
+            tensors = [to_chw(im) for im in images]
+            target = size or tuple(tensors[0].shape[-2:])
+            pixels = [
+                ((F.interpolate(t[None], size=target, mode="bilinear", align_corners=False)[0]
+                  if tuple(t.shape[-2:]) != target else t) - mean) / std
+                for t in tensors
+            ]
+        labels = batch[label_column]
+        if label_map is not None:
+            labels = [label_map[v] for v in labels]
+        return {"pixel_values": pixels, "labels": [int(v) for v in labels]}
+
+    return transform
+
+
+@dataclass
+class Prepared:
+    """Everything a task needs: model, processing class, datasets ready for the model, collator."""
+
+    model: Any
+    processing_class: Any
+    train: Any
+    eval: Any
+    collator: Any
+    task: str
+
+
+def prepare_task(
+    task: str, model_name: str, data: DataArguments | EvalArguments, *, seed: int, model=None,
+    train_split: str = "train", eval_split: str | None = None, for_training: bool = True,
+) -> Prepared:
+    """Load the model (unless given) and turn the dataset into model inputs for `task`."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    from ..data.models import resolve_model_path
+
+    path = resolve_model_path(model_name)
+    max_train = getattr(data, "max_train_samples", None) if for_training else 0
+    fashion = data.dataset.lower().startswith("fashion")
+    raw = load_raw_dataset(data.dataset, task, config=data.dataset_config,
+                           max_train_samples=max_train if fashion else None,
+                           max_eval_samples=data.max_eval_samples if fashion else None)
+    train, evals = train_eval_splits(raw, train_split, eval_split, seed)
+    if not for_training:
+        train = None
+    elif data.max_train_samples is not None and task != "causal-lm":
+        train = _limit(train.shuffle(seed=seed), data.max_train_samples)
+    if data.max_eval_samples is not None and task != "causal-lm":
+        evals = _limit(evals, data.max_eval_samples)
+    ref = train if train is not None else evals
+
+    if task in ("image-classification", "text-classification"):
+        label_col = _pick_column(ref, data.label_column, ("label", "labels"), "label", "--label-column")
+        names, label_map = _label_encoding(ref, evals, label_col)
+        if model is None:
+            kwargs = {}
+            if for_training:
+                kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                              label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
+            model = _load_model(task, path, model_name, **kwargs)
+
+    if task == "image-classification":
+        image_col = _pick_column(ref, data.image_column, ("image", "img", "pixel_values"), "image", "--image-column")
+        processor = _load_image_processor(path)
+        fn = _image_transform(model.config, processor, image_col, label_col, label_map,
+                              fashion=data.dataset.lower().startswith("fashion"))
+        train = train.with_transform(fn) if train is not None else None
+        evals = evals.with_transform(fn)
+        return Prepared(model, processor, train, evals, default_data_collator, task)
+
+    tokenizer = _load_tokenizer(path)
+    text_col = _pick_column(ref, data.text_column, ("text", "sentence", "content"), "text", "--text-column", kind="string")
+    if task == "text-classification":
+        if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+        def tokenize(batch):
+            out = tokenizer(batch[text_col], truncation=True, max_length=data.max_length)
+            labels = batch[label_col]
+            out["labels"] = [label_map[v] for v in labels] if label_map is not None else [int(v) for v in labels]
+            return out
+
+        def encode(ds):
+            return ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+        return Prepared(model, tokenizer, encode(train) if train is not None else None, encode(evals),
+                        DataCollatorWithPadding(tokenizer), task)
+
+    # causal-lm: concatenate the texts (EOS between documents) and cut blocks of block_size tokens
+    if model is None:
+        model = _load_model(task, path, model_name)
+    limit = min(data.block_size, getattr(model.config, "max_position_embeddings", None) or data.block_size)
+    if tokenizer.model_max_length and tokenizer.model_max_length < 1e9:
+        limit = min(limit, tokenizer.model_max_length)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize_lm(batch):
+        ids = tokenizer(batch[text_col], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [x + eos for x in ids]}
+
+    def group(batch):
+        flat = [t for seq in batch["input_ids"] for t in seq]
+        n = len(flat) // limit * limit
+        blocks = [flat[i : i + limit] for i in range(0, n, limit)]
+        return {"input_ids": blocks, "attention_mask": [[1] * limit for _ in blocks], "labels": [list(b) for b in blocks]}
+
+    def blocks(ds, n):
+        ds = ds.map(tokenize_lm, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+        ds = ds.map(group, batched=True, batch_size=1000, desc=f"grouping into blocks of {limit}")
+        return _limit(ds, n)
+
+    train = blocks(train, data.max_train_samples) if train is not None else None
+    evals = blocks(evals, data.max_eval_samples)
+    if (train is not None and len(train) == 0) or len(evals) == 0:
+        raise CLIError(f"the texts are shorter than one block of {limit} tokens: lower --block-size.")
+    return Prepared(model, tokenizer, train, evals, default_data_collator, task)
+
+
+def evaluate(model, dataset, collator, task: str, batch_size: int = 8) -> dict[str, float]:
+    """Accuracy (+ loss) for classification, perplexity (+ loss) for causal-lm; no Trainer needed."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            n = batch["labels"].shape[0]
+            loss_sum += float(out.loss) * n
+            count += n
+            if task != "causal-lm":
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    metrics = {"eval_loss": round(loss, 6), "eval_samples": count}
+    if task == "causal-lm":
+        metrics["eval_perplexity"] = round(math.exp(min(loss, 50.0)), 4)
+    else:
+        metrics["eval_accuracy"] = round(correct / max(count, 1), 6)
+    return metrics

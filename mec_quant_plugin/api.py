@@ -16,7 +16,13 @@ from .config import MECQuantConfig
 from .convert import convert_layer
 from .layer_policy import find_head_layer, find_input_layers
 from .modules.base import FakeQuantizedModule
-from .modules.registry import fake_quantized_class_for, is_fake_quantized, is_supported_layer, supported_type_names
+from .modules.registry import (
+    fake_quantized_class_for,
+    is_fake_quantized,
+    is_supported_layer,
+    refused_float_type,
+    supported_type_names,
+)
 from .quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 
 logger = logging.getLogger("mec_quant_plugin")
@@ -76,6 +82,7 @@ def prepare_model(
     config = config or MECQuantConfig()
     if config.step != "prepare":
         raise ValueError(f"prepare_model needs config.step='prepare', got {config.step!r}.")
+    _warn_refused_subclasses(model)
     edge = set(find_input_layers(model)) | {find_head_layer(model)}
 
     def selected(module: nn.Module, fqn: str) -> bool:
@@ -100,6 +107,24 @@ def prepare_model(
     for line in report.splitlines():
         logger.info(line)
     return model
+
+
+def _warn_refused_subclasses(model: nn.Module) -> None:
+    """One warning per class for subclasses of a supported type (e.g. nn.Conv2d) whose own
+    forward the plugin does not reproduce: they stay float rather than lose their behaviour."""
+    refused: dict[tuple[type, type], list[str]] = {}
+    for name, mod in model.named_modules():
+        base = refused_float_type(mod)
+        if base is not None:
+            refused.setdefault((type(mod), base), []).append(name)
+    for (cls, base), names in refused.items():
+        shown = ", ".join(names[:4]) + (f", ... (+{len(names) - 4})" if len(names) > 4 else "")
+        logger.warning(
+            "Left in float: %d %s layer(s) (%s). %s subclasses %s.%s but overrides forward in a way the "
+            "plugin does not reproduce (supported overrides: static-padding convs), so quantizing it would "
+            "silently replace that forward.",
+            len(names), cls.__name__, shown, cls.__qualname__, base.__module__.split(".")[0], base.__qualname__,
+        )
 
 
 def _tied_groups(model: nn.Module) -> list[list[FakeQuantizedModule]]:

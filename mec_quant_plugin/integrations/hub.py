@@ -75,7 +75,9 @@ def make_saveable(
     `save_pretrained` also write `mec_quant_config.json` and the model card.
 
     `run_info` feeds the model card: e.g. {"base_model": ..., "task": ..., "metrics": {...},
-    "dataset": ...}. Call after `convert_model`.
+    "dataset": ...}. Call after `convert_model`. A plain nn.Module without `save_pretrained`
+    (e.g. the EfficientNet-Lite0 recipe's) only gets the config attached; save it with
+    `torch.save(model.state_dict(), ...)` plus `write_mec_files(model, folder)`.
 
     Raises:
         ValueError: the model still holds weight fake quantizers (convert it first).
@@ -94,7 +96,7 @@ def make_saveable(
         model.is_quantized = True
     model.__dict__["_mec_quant_config"] = config
     model.__dict__["_mec_quant_run_info"] = dict(run_info or {})
-    if not getattr(model.save_pretrained, _SAVE_MARK, False):
+    if hasattr(model, "save_pretrained") and not getattr(model.save_pretrained, _SAVE_MARK, False):
         original = type(model).save_pretrained
 
         @functools.wraps(original)

@@ -7,12 +7,15 @@ from .embedding import FakeQuantizedEmbedding
 from .linear import FakeQuantizedLinear
 from .registry import (
     FAKE_QUANTIZED_CLASSES,
+    SUBCLASS_HANDLERS,
     fake_quantized_class_for,
     is_fake_quantized,
     is_supported_layer,
+    refused_float_type,
     register_fake_quantized,
     supported_type_names,
 )
+from .static_padding_conv2d import FakeQuantizedStaticPaddingConv2d
 
 __all__ = [
     "FAKE_QUANTIZED_CLASSES",
@@ -21,9 +24,12 @@ __all__ = [
     "FakeQuantizedEmbedding",
     "FakeQuantizedLinear",
     "FakeQuantizedModule",
+    "FakeQuantizedStaticPaddingConv2d",
+    "SUBCLASS_HANDLERS",
     "fake_quantized_class_for",
     "is_fake_quantized",
     "is_supported_layer",
+    "refused_float_type",
     "register_fake_quantized",
     "supported_type_names",
 ]

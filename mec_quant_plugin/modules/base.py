@@ -49,6 +49,9 @@ class FakeQuantizedModule:
         new = cls.__new__(cls)
         # Share the float module's state: same Parameter objects, hooks and attributes.
         new.__dict__ = module.__dict__.copy()
+        # The float module's own class (a subclass of float_class, e.g. a static-padding conv),
+        # restored by to_float so its forward comes back with it.
+        new.__dict__["_float_module_class"] = type(module)
         for table in ("_parameters", "_buffers", "_modules"):
             new.__dict__[table] = dict(module.__dict__[table])
         wfq = None
@@ -77,9 +80,12 @@ class FakeQuantizedModule:
         return afq(x) if afq is not None else x
 
     def to_float(self) -> nn.Module:
-        """The float module again, sharing the same Parameters (quantizers dropped)."""
-        new = self.float_class.__new__(self.float_class)
+        """The float module again, of its original class, sharing the same Parameters
+        (quantizers dropped)."""
+        cls = self.__dict__.get("_float_module_class", self.float_class)
+        new = cls.__new__(cls)
         new.__dict__ = self.__dict__.copy()
+        new.__dict__.pop("_float_module_class", None)
         for table in ("_parameters", "_buffers", "_modules"):
             new.__dict__[table] = dict(self.__dict__[table])
         del new._modules["weight_fake_quantizer"]

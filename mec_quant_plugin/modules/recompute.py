@@ -14,13 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+
+# A fake quantizer module, or any deterministic tensor -> tensor transform built on one.
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _Recompute:
     __slots__ = ("quantizer", "source", "size", "stride", "offset")
 
-    def __init__(self, quantizer: nn.Module, source: torch.Tensor, like: torch.Tensor) -> None:
+    def __init__(self, quantizer: Quantizer, source: torch.Tensor, like: torch.Tensor) -> None:
         self.quantizer, self.source = quantizer, source
         self.size, self.stride, self.offset = like.size(), like.stride(), like.storage_offset()
 
@@ -31,11 +33,12 @@ class _Recompute:
 
 
 def call_with_recomputed_operands(
-    fn: Callable[..., torch.Tensor], operands: list[tuple[nn.Module | None, torch.Tensor]], *rest: Any
+    fn: Callable[..., torch.Tensor], operands: list[tuple[Quantizer | None, torch.Tensor]], *rest: Any
 ) -> torch.Tensor:
     """`fn(q(x) for (q, x) in operands, *rest)`, saving the float `x` instead of `q(x)` for backward.
 
-    An operand whose quantizer is None is passed through unchanged.
+    `q` is a fake quantizer, or any deterministic transform of one (e.g. quantize-then-pad); an
+    operand whose quantizer is None is passed through unchanged.
     """
     quantized = [q(x) if q is not None else x for q, x in operands]
     if not torch.is_grad_enabled():

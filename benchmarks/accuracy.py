@@ -27,6 +27,7 @@ import torch
 
 from mec_quant_plugin import MECQuantConfig, calibrate_activations, convert_model, prepare_model
 from mec_quant_plugin.recipes.fashion_mnist import (
+    ARCHITECTURES,
     accuracy,
     collate,
     fashion_mnist_datasets,
@@ -36,7 +37,12 @@ from mec_quant_plugin.recipes.fashion_mnist import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, commit, machine, parse_bits, parse_method  # noqa: E402
+from common import ROOT, commit, machine, parse_bits, parse_method, torchao_prepare  # noqa: E402
+
+MODEL_DESCRIPTIONS = {
+    "resnet": "ResNet (16-32-64, basic blocks), transformers config",
+    "vit": "ViT (4x4 patches, width 64, 4 layers, 4 heads), transformers config",
+}
 
 
 def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None], seed: int, fp, train_ds, test_ds,
@@ -51,6 +57,11 @@ def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None]
         idx = torch.randperm(len(train_ds))[:128].tolist()
         calibrate_activations(model, pixel_values=collate([train_ds[i] for i in idx])["pixel_values"])
         model = convert_model(model)
+    elif method == "torchao":  # torchao's QATConfig on the Linear layers; evaluated fake-quantized
+        model, _ = train(torchao_prepare(copy.deepcopy(fp), wbits, abits), train_ds, str(work / "torchao"),
+                         max_steps=steps, lr=lr, seed=seed)
+        return {"accuracy": accuracy(model, test_ds), "bytes": None,
+                "seconds": round(time.perf_counter() - start, 1)}
     else:
         cfg = MECQuantConfig(weight_bits=wbits, act_bits=abits)
         cfg = cfg.replace(mec_weight=0.0) if method == "plain" else cfg.replace(**overrides)
@@ -61,25 +72,29 @@ def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet",
+                        help="resnet (transformers ResNet 16-32-64) or vit (4 layers, width 64, 4x4 patches)")
     parser.add_argument("--bits", nargs="+", default=["W2A2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["fp", "ptq", "plain", "mec"])
     parser.add_argument("--fp-steps", type=int, default=1407, help="FP pre-training steps (3 epochs at batch 128)")
     parser.add_argument("--qat-steps", type=int, default=235, help="steps of every method after the FP start")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", default=str(ROOT / "results" / "fashion_mnist.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "fashion_mnist.json"),
+                        help="results JSON (default: results/fashion_mnist.json, results/fashion_mnist_<arch>.json for other archs)")
     parser.add_argument("--work-dir", default="outputs/bench-fashion-mnist")
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     methods = [(m, *parse_method(m)) for m in args.methods]
     train_ds, test_ds = fashion_mnist_datasets()
     work = Path(args.work_dir)
-    fp = pretrain_fp(str(work), train_ds, steps=args.fp_steps, seed=0)
-    out = Path(args.out)
+    fp = pretrain_fp(str(work), train_ds, steps=args.fp_steps, seed=0, arch=args.arch)
+    out = Path(args.out if args.arch == "resnet" or args.out != parser.get_default("out")
+               else ROOT / "results" / f"fashion_mnist_{args.arch}.json")
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}  # appended to, resumable
     results.update(protocol={"fp_steps": args.fp_steps, "qat_steps": args.qat_steps, "lr": args.lr,
-                             "batch_size": 128, "model": "ResNet (16-32-64, basic blocks), transformers config",
-                             "edge_layers": "8bit (stem conv and classifier W8A8)"},
+                             "batch_size": 128, "model": MODEL_DESCRIPTIONS[args.arch],
+                             "edge_layers": "8bit (first layer and classifier W8A8)"},
                    fp_start_accuracy=accuracy(fp, test_ds))
     # Seed-major order: an interrupted run still leaves a complete table for the first seeds.
     for seed in args.seeds:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from mec_quant_plugin.layer_policy import find_head_layer, find_input_layers
 from mec_quant_plugin.recipes.fashion_mnist import machine as cpu_machine
 
 ROOT = Path(__file__).resolve().parent
@@ -52,3 +54,24 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def torchao_prepare(model: nn.Module, wbits: int, abits: int | None) -> nn.Module:
+    """torchao's own QAT (QATConfig prepare) on the Linear layers ours quantize, edges at int8."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    if wbits < 2:
+        raise SystemExit("torchao QAT supports int2+ weights only (no 1-bit): drop the torchao method for W1.")
+
+    def cfg(w: int, a: int | None) -> QATConfig:
+        wcfg = IntxFakeQuantizeConfig(getattr(torch, f"int{w}"), granularity="per_channel", is_symmetric=True)
+        acfg = (IntxFakeQuantizeConfig(getattr(torch, f"int{a}"), granularity="per_token", is_symmetric=False)
+                if a is not None else None)
+        return QATConfig(activation_config=acfg, weight_config=wcfg, step="prepare")
+
+    edges = {*find_input_layers(model), find_head_layer(model)}
+    quantize_(model, cfg(8, 8 if abits is not None else None),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in edges)
+    quantize_(model, cfg(wbits, abits), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn not in edges)
+    return model

@@ -46,11 +46,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig, calibrate_activations, convert_model, prepare_model
 from mec_quant_plugin.cli import DataArguments, evaluate, prepare_task
-from mec_quant_plugin.layer_policy import find_head_layer, find_input_layers
 from mec_quant_plugin.recipes.fashion_mnist import model_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, commit, machine, parse_bits, parse_method  # noqa: E402
+from common import ROOT, commit, machine, parse_bits, parse_method, torchao_prepare  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "classify": {"task": "text-classification", "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -112,27 +111,6 @@ def fit(model: nn.Module, prepared, output_dir: str, *, steps: int, lr: float, s
     if torch.cuda.is_available():
         cost["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return trainer.model, cost
-
-
-def torchao_prepare(model: nn.Module, wbits: int, abits: int | None) -> nn.Module:
-    """torchao's own QAT (QATConfig prepare) on the Linear layers ours quantize, edges at int8."""
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
-
-    if wbits < 2:
-        raise SystemExit("torchao QAT supports int2+ weights only (no 1-bit): drop the torchao method for W1.")
-
-    def cfg(w: int, a: int | None) -> QATConfig:
-        wcfg = IntxFakeQuantizeConfig(getattr(torch, f"int{w}"), granularity="per_channel", is_symmetric=True)
-        acfg = (IntxFakeQuantizeConfig(getattr(torch, f"int{a}"), granularity="per_token", is_symmetric=False)
-                if a is not None else None)
-        return QATConfig(activation_config=acfg, weight_config=wcfg, step="prepare")
-
-    edges = {*find_input_layers(model), find_head_layer(model)}
-    quantize_(model, cfg(8, 8 if abits is not None else None),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in edges)
-    quantize_(model, cfg(wbits, abits), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn not in edges)
-    return model
 
 
 def first_batch(prepared, n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    Trainer,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from ..config import MECQuantConfig
 from ..data.fashion_mnist import CLASSES, MEAN, STD, load_fashion_mnist
@@ -32,15 +40,41 @@ from ..integrations.trainer import MECQuantCallback
 logger = logging.getLogger("mec_quant_plugin")
 
 
-def build_model(seed: int = 0) -> ResNetForImageClassification:
+def build_resnet(seed: int = 0) -> ResNetForImageClassification:
     """A 3-stage basic-block ResNet for 1x28x28 inputs (78k parameters), randomly initialized."""
     torch.manual_seed(seed)
     config = ResNetConfig(
         num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
-        num_labels=10, downsample_in_first_stage=False,
-        id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
+        num_labels=10, downsample_in_first_stage=False, **_labels(),
     )
     return ResNetForImageClassification(config)
+
+
+def build_vit(seed: int = 0) -> ViTForImageClassification:
+    """A small ViT for 1x28x28 inputs: 4x4 patches (49 tokens + CLS), width 64, 4 layers, 4 heads
+    (206k parameters), randomly initialized. Linear-heavy, unlike the ResNet: where torchao's own
+    QAT (Linear layers only) applies."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
+        **_labels(),
+    )
+    return ViTForImageClassification(config)
+
+
+def _labels() -> dict[str, dict]:
+    return {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+
+
+ARCHITECTURES = {"resnet": build_resnet, "vit": build_vit}
+
+
+def build_model(seed: int = 0, arch: str = "resnet") -> nn.Module:
+    """A randomly initialized Fashion-MNIST classifier: `arch` is one of `ARCHITECTURES`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}.")
+    return ARCHITECTURES[arch](seed)
 
 
 def fashion_mnist_datasets(train_limit: int | None = None, test_limit: int | None = None) -> tuple[Dataset, Dataset]:
@@ -107,12 +141,13 @@ def train(
     return trainer.model, time.perf_counter() - start
 
 
-def pretrain_fp(output_dir: str, train_ds: Dataset, *, steps: int, seed: int = 0) -> nn.Module:
-    """The converged FP starting point, cached in `output_dir/fp` (reused when present)."""
-    folder = Path(output_dir) / "fp"
+def pretrain_fp(output_dir: str, train_ds: Dataset, *, steps: int, seed: int = 0, arch: str = "resnet") -> nn.Module:
+    """The converged FP starting point, cached in `output_dir/fp` (`fp-<arch>` for other
+    architectures than the ResNet; reused when present)."""
+    folder = Path(output_dir) / ("fp" if arch == "resnet" else f"fp-{arch}")
     if (folder / "config.json").exists():
-        return ResNetForImageClassification.from_pretrained(str(folder))
-    model, _ = train(build_model(seed), train_ds, str(folder / "run"), max_steps=steps, lr=3e-3, seed=seed)
+        return AutoModelForImageClassification.from_pretrained(str(folder))
+    model, _ = train(build_model(seed, arch), train_ds, str(folder / "run"), max_steps=steps, lr=3e-3, seed=seed)
     model.save_pretrained(str(folder))
     return model
 

@@ -42,6 +42,7 @@ from common import ROOT, commit, machine, parse_bits, parse_method, torchao_prep
 MODEL_DESCRIPTIONS = {
     "resnet": "ResNet (16-32-64, basic blocks), transformers config",
     "vit": "ViT (4x4 patches, width 64, 4 layers, 4 heads), transformers config",
+    "efficientnet-lite0": "EfficientNet-Lite0, ImageNet-pretrained, new head, 28x28 upsampled to 32x32",
 }
 
 
@@ -73,7 +74,8 @@ def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet",
-                        help="resnet (transformers ResNet 16-32-64) or vit (4 layers, width 64, 4x4 patches)")
+                        help="resnet (transformers ResNet 16-32-64), vit (4 layers, width 64, 4x4 patches) or "
+                        "efficientnet-lite0 (pretrained; the FP start fine-tunes it, lr 1e-3)")
     parser.add_argument("--bits", nargs="+", default=["W2A2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["fp", "ptq", "plain", "mec"])

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
@@ -67,7 +68,18 @@ def _labels() -> dict[str, dict]:
     return {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
 
 
-ARCHITECTURES = {"resnet": build_resnet, "vit": build_vit}
+def build_efficientnet(seed: int = 0, pretrained: bool = True) -> nn.Module:
+    """The ImageNet-pretrained EfficientNet-Lite0 with a new 10-way head, grayscale 28x28 inputs
+    repeated to RGB and upsampled to 32x32 in forward (the CPU-friendly size, see
+    `recipes/efficientnet.py`); needs the `vision` extra."""
+    from .efficientnet import build_efficientnet_lite0
+
+    torch.manual_seed(seed)
+    return build_efficientnet_lite0(num_labels=len(CLASSES), pretrained=pretrained, in_channels=1, image_size=32)
+
+
+ARCHITECTURES = {"resnet": build_resnet, "vit": build_vit, "efficientnet-lite0": build_efficientnet}
+FP_LEARNING_RATES = {"resnet": 3e-3, "vit": 3e-3, "efficientnet-lite0": 1e-3}  # from scratch vs fine-tuning
 
 
 def build_model(seed: int = 0, arch: str = "resnet") -> nn.Module:
@@ -147,9 +159,21 @@ def pretrain_fp(output_dir: str, train_ds: Dataset, *, steps: int, seed: int = 0
     folder = Path(output_dir) / ("fp" if arch == "resnet" else f"fp-{arch}")
     if (folder / "config.json").exists():
         return AutoModelForImageClassification.from_pretrained(str(folder))
-    model, _ = train(build_model(seed, arch), train_ds, str(folder / "run"), max_steps=steps, lr=3e-3, seed=seed)
-    model.save_pretrained(str(folder))
+    if (folder / PLAIN_WEIGHTS).exists():  # a plain nn.Module (EfficientNet-Lite0): weights only
+        model = build_efficientnet(seed, pretrained=False)
+        model.load_state_dict(load_file(str(folder / PLAIN_WEIGHTS)))
+        return model
+    model, _ = train(build_model(seed, arch), train_ds, str(folder / "run"), max_steps=steps,
+                     lr=FP_LEARNING_RATES[arch], seed=seed)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(folder))
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / PLAIN_WEIGHTS))
     return model
+
+
+PLAIN_WEIGHTS = "fp_weights.safetensors"
 
 
 def model_bytes(model: nn.Module) -> int:

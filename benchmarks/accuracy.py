@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp-steps", type=int, default=1407, help="FP pre-training steps (3 epochs at batch 128)")
     parser.add_argument("--qat-steps", type=int, default=235, help="steps of every method after the FP start")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", default=str(ROOT / "results" / "fashion_mnist.json"),
+    parser.add_argument("--out", default=None,
                         help="results JSON (default: results/fashion_mnist.json, results/fashion_mnist_<arch>.json for other archs)")
     parser.add_argument("--work-dir", default="outputs/bench-fashion-mnist")
     args = parser.parse_args(argv)
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     train_ds, test_ds = fashion_mnist_datasets()
     work = Path(args.work_dir)
     fp = pretrain_fp(str(work), train_ds, steps=args.fp_steps, seed=0, arch=args.arch)
-    out = Path(args.out if args.arch == "resnet" or args.out != parser.get_default("out")
-               else ROOT / "results" / f"fashion_mnist_{args.arch}.json")
+    out = Path(args.out or ROOT / "results" / ("fashion_mnist.json" if args.arch == "resnet"
+                                               else f"fashion_mnist_{args.arch}.json"))
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}  # appended to, resumable
     results.update(protocol={"fp_steps": args.fp_steps, "qat_steps": args.qat_steps, "lr": args.lr,
                              "batch_size": 128, "model": MODEL_DESCRIPTIONS[args.arch],

@@ -125,11 +125,12 @@ def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     cost: dict[str, float] = {}
+    base = None if method == "fp" else MECQuantConfig(weight_bits=wbits, act_bits=abits,
+                                                       weight_granularity="per_channel")
     common = dict(steps=steps, lr=lr, seed=seed, batch_size=spec["batch_size"])
     if method == "fp":
         model, cost = fit(copy.deepcopy(fp), prepared, str(work / "fp-ft"), **common)
     elif method == "ptq":
-        base = MECQuantConfig(weight_bits=wbits, act_bits=abits, weight_granularity="per_channel")
         model = prepare_model(copy.deepcopy(fp).to(device), base)
         batch = {k: v.to(device) for k, v in first_batch(prepared, spec["batch_size"], seed).items()}
         calibrate_activations(model, **batch)
@@ -137,7 +138,6 @@ def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None]
     elif method == "torchao":
         model, cost = fit(torchao_prepare(copy.deepcopy(fp), wbits, abits), prepared, str(work / "torchao"), **common)
     else:
-        base = MECQuantConfig(weight_bits=wbits, act_bits=abits, weight_granularity="per_channel")
         cfg = base.replace(mec_weight=0.0) if method == "plain" else base.replace(**overrides)
         model, cost = fit(copy.deepcopy(fp), prepared, str(work / "qat"), callbacks=[MECQuantCallback(cfg)], **common)
     model.to(device)
@@ -146,7 +146,7 @@ def run_one(method: str, overrides: dict[str, Any], bits: tuple[int, int | None]
             "seconds": round(time.perf_counter() - start, 1), **cost}
 
 
-def fp_start(name: str, spec: dict[str, Any], args, prepared, work: Path) -> nn.Module:
+def fp_start(spec: dict[str, Any], args, prepared, work: Path) -> nn.Module:
     """The converged FP start: for classification, the pretrained model fine-tuned (cached)."""
     if args.fp_steps <= 0:
         return prepared.model
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                          max_eval_samples=args.max_eval_samples)
     prepared = prepare_task(spec["task"], model_name, data, seed=0)
     work = Path(args.work_dir or f"outputs/bench-{args.task}")
-    fp = fp_start(args.task, spec, args, prepared, work)
+    fp = fp_start(spec, args, prepared, work)
     out = Path(args.out or ROOT / "results" / f"{args.task}.json")
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}  # appended to, resumable
     results.update(protocol={"model": model_name, "dataset": spec["dataset"], "fp_steps": args.fp_steps,

@@ -16,46 +16,21 @@ from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor 
 from .modules.base import FakeQuantizedModule
 from .quantizers import WeightFakeQuantizer
 
-_INT_DTYPES = {b: getattr(torch, f"int{b}") for b in range(1, 8)} | {8: torch.int8}
-
-
-def block_layout(weight: torch.Tensor, wfq: WeightFakeQuantizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """torchao `block_size` and scale shape for a weight quantized by `wfq`.
-
-    Per channel: one block spans everything but the channel axis. Per group: blocks of
-    `group_size` input channels (times the kernel for convolutions) along axis 1.
-    """
-    shape = list(weight.shape)
-    axis = wfq.channel_axis
-    if wfq.group_size is None:
-        block = [1 if i == axis else n for i, n in enumerate(shape)]
-    else:
-        if axis != 0:
-            raise ValueError("per-group export needs the output channel on axis 0 (not Conv1D).")
-        block = [1, wfq.group_size, *shape[2:]]
-    scale_shape = tuple(n // b for n, b in zip(shape, block))
-    return tuple(block), scale_shape
-
 
 @torch.no_grad()
 def to_intx_weight(weight: torch.Tensor, wfq: WeightFakeQuantizer) -> IntxUnpackedToInt8Tensor:
     """The torchao tensor holding `wfq`'s integer codes and learned scales for `weight`.
 
-    Built from the codes directly rather than through `from_hp`: re-quantizing with torchao's
-    rounding would not reproduce the binary (float zero point) and ternary (narrow range) codes.
+    Built from `wfq.to_affine(weight)` directly rather than through `from_hp`: re-quantizing with
+    torchao's rounding would not reproduce the binary (float zero point) and ternary (narrow
+    range) codes.
+
+    Example:
+        >>> to_intx_weight(layer.weight, layer.weight_fake_quantizer).dequantize()
     """
-    block, scale_shape = block_layout(weight, wfq)
-    codes, scale, zero_point = wfq.quantized_codes(weight)
-    qdata = wfq._ungrouped(codes, weight).to(torch.int8)
-    dtype = torch.int1 if (wfq.bits == 1 and not wfq.ternary) else _INT_DTYPES[wfq.bits]
+    affine = wfq.to_affine(weight)
     return IntxUnpackedToInt8Tensor(
-        qdata,
-        scale.reshape(scale_shape).to(torch.float32),
-        zero_point.reshape(scale_shape).to(torch.float32),
-        dtype,
-        block,
-        weight.dtype,
-        None,
+        affine.codes, affine.scale, affine.zero_point, affine.dtype, affine.block_size, weight.dtype, None
     )
 
 

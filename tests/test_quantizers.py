@@ -187,3 +187,45 @@ def test_nan_weights_rejected():
     w[0, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf"):
         WeightFakeQuantizer(w, 2)
+
+
+_LAYOUTS = {  # weight shape, channel axis, group size
+    "linear": ((6, 16), 0, None),
+    "linear-group": ((6, 16), 0, 8),
+    "conv": ((5, 4, 3, 3), 0, None),
+    "conv-group": ((5, 4, 3, 3), 0, 2),
+    "conv1d": ((16, 6), 1, None),
+    "conv1d-group": ((16, 6), 1, 4),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("bits,ternary", [(1, False), (2, False), (2, True), (4, False), (8, False)])
+def test_to_affine_reproduces_the_fake_quantized_weight(layout, bits, ternary):
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+    )
+
+    shape, axis, group = _LAYOUTS[layout]
+    w = torch.randn(shape)
+    wfq = WeightFakeQuantizer(w, bits, channel_axis=axis, group_size=group, ternary=ternary)
+    affine = wfq.to_affine(w)
+    assert affine.codes.dtype == torch.int8 and affine.codes.shape == w.shape
+    assert affine.scale.shape == affine.zero_point.shape
+    assert tuple(n // b for n, b in zip(w.shape, affine.block_size)) == tuple(affine.scale.shape)
+    assert affine.group_size == group
+    assert affine.dtype == (torch.int1 if bits == 1 and not ternary else torch.int8 if bits == 8 else getattr(torch, f"int{bits}"))
+    lo, hi = (-1, 1) if ternary else (-1, 0) if bits == 1 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert lo <= affine.codes.min() and affine.codes.max() <= hi
+    with torch.no_grad():
+        assert torch.equal(affine.dequantize(), wfq(w))
+        # torchao reads the same layout back
+        tensor = IntxUnpackedToInt8Tensor(affine.codes, affine.scale, affine.zero_point, affine.dtype,
+                                          affine.block_size, w.dtype, None)
+        assert torch.allclose(tensor.dequantize(), wfq(w), atol=1e-6)
+
+
+def test_to_affine_of_a_weight_the_group_does_not_divide():
+    wfq = WeightFakeQuantizer(torch.randn(3, 32), 2, group_size=8)
+    with pytest.raises(ValueError, match="does not divide"):
+        wfq.to_affine(torch.randn(3, 30))

@@ -1,0 +1,40 @@
+"""The data-parallel checks and collectives of the quantizers and the objective, written once.
+
+Every function is a no-op in a single process, so the same code runs with and without
+`torch.distributed` (plain scripts, the Trainer, accelerate, torchrun).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialized with more than one rank.
+
+    Example:
+        >>> is_distributed()  # a plain process
+        False
+    """
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_across_ranks_(*tensors: torch.Tensor) -> None:
+    """Replace each tensor's data, in place, by its mean over the ranks.
+
+    Why: under data parallelism each rank calibrates a step size on its own first batch, after
+    DDP has already broadcast the parameters; averaging makes every rank start from the same one.
+    """
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for t in tensors:
+        dist.all_reduce(t.data, op=dist.ReduceOp.SUM)
+        t.data /= world
+
+
+def any_across_ranks_(flag: torch.Tensor) -> None:
+    """Replace `flag`, in place, by its maximum over the ranks (a logical OR of 0/1 flags)."""
+    if is_distributed():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)

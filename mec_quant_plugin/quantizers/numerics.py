@@ -1,0 +1,43 @@
+"""Numerics shared by the quantizers: fp32 math under autocast, positive steps, finite inputs."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+MIN_STEP = 1e-8
+
+
+def run_in_fp32(fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):
+    """Decorator: run a quantizer's forward in fp32 with autocast off, returning the input dtype.
+
+    Why: rounding to a 2-bit grid in bf16/fp16 moves values across level boundaries; the
+    quantizer math must not depend on the training precision.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return fn(self, x)  # the common fp32 case: no casts, no autocast context to enter
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = fn(self, x.float())
+        return y.to(dtype)
+
+    return wrapper
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Raises ValueError naming `what` and the count of NaN/inf values, if any."""
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{what} contains {bad} NaN/inf values; cannot initialize its step size.")
+
+
+def positive_step(scale: torch.Tensor) -> torch.Tensor:
+    """|s| floored at 1e-8: Adam moves a parameter by ~lr per step whatever its gradient, so a
+    step size of ~0.01 can cross zero within a few dozen steps at lr=1e-3; a negative or zero
+    step would flip or divide by zero. Identity (and gradient 1) for every normal positive s."""
+    return scale.abs().clamp_min(MIN_STEP)

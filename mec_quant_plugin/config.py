@@ -17,29 +17,19 @@ from typing import Any
 
 from torchao.core.config import AOBaseConfig
 
-WEIGHT_GRANULARITIES = ("per_channel", "per_group")
-EDGE_LAYER_POLICIES = ("8bit", "float", "same")
-ACT_SIGNEDNESS = ("auto", "signed", "unsigned")
-STEPS = ("prepare", "convert")
-VIEWS = ("self", "teacher")
-TAPS = ("head", "blocks", "head+blocks")
-LAMBDA_MODES = ("fixed", "adaptive")
-ROUTINGS = ("magnitude", "gate", "features")
-
-
-def _check_bits(name: str, value: Any, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        allowed = "an int in 1..8" + (" or None (not quantized)" if allow_none else "")
-        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
-    if not 1 <= value <= 8:
-        raise ValueError(f"{name} must be in 1..8, got {value}.")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+from .options import (
+    ACT_SIGNEDNESS,
+    EDGE_LAYER_POLICIES,
+    LAMBDA_MODES,
+    ROUTINGS,
+    STEPS,
+    TAPS,
+    VIEWS,
+    WEIGHT_GRANULARITIES,
+    check_bits,
+    check_choice,
+    check_order,
+)
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -175,9 +165,9 @@ class MECQuantConfig(AOBaseConfig):
     )
 
     def __post_init__(self) -> None:
-        _check_bits("weight_bits", self.weight_bits, allow_none=True)
-        _check_bits("act_bits", self.act_bits, allow_none=True)
-        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        check_bits("weight_bits", self.weight_bits, allow_none=True)
+        check_bits("act_bits", self.act_bits, allow_none=True)
+        check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
         if self.weight_granularity == "per_group":
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(
@@ -190,33 +180,26 @@ class MECQuantConfig(AOBaseConfig):
             )
         if self.ternary and self.weight_bits != 2:
             raise ValueError(f"ternary=True needs weight_bits=2 (3 levels fit in 2 bits), got {self.weight_bits}.")
-        _check_choice("act_signedness", self.act_signedness, ACT_SIGNEDNESS)
-        _check_choice("edge_layers", self.edge_layers, EDGE_LAYER_POLICIES)
-        _check_choice("step", self.step, STEPS)
+        check_choice("act_signedness", self.act_signedness, ACT_SIGNEDNESS)
+        check_choice("edge_layers", self.edge_layers, EDGE_LAYER_POLICIES)
+        check_choice("step", self.step, STEPS)
         _check_positive("mec_weight", self.mec_weight, allow_zero=True)
-        _check_choice("mec_view", self.mec_view, VIEWS)
-        _check_choice("mec_taps", self.mec_taps, TAPS)
+        check_choice("mec_view", self.mec_view, VIEWS)
+        check_choice("mec_taps", self.mec_taps, TAPS)
         if self.mec_tap_modules is not None and (
             not isinstance(self.mec_tap_modules, (list, tuple))
             or not all(isinstance(n, str) for n in self.mec_tap_modules)
         ):
             raise TypeError(f"mec_tap_modules must be a list of module names, got {self.mec_tap_modules!r}.")
-        if self.mec_order is not None:
-            if isinstance(self.mec_order, bool) or not isinstance(self.mec_order, int) or self.mec_order < 2:
-                raise ValueError(f"mec_order must be an even int >= 2 or None (exact), got {self.mec_order!r}.")
-            if self.mec_order % 2:
-                raise ValueError(
-                    f"mec_order must be even, got {self.mec_order}: an odd truncation of log det rewards "
-                    "collapse (all rows equal) instead of penalizing it."
-                )
+        check_order(self.mec_order, "mec_order")
         _check_positive("mec_eps2_per_dim", self.mec_eps2_per_dim)
-        _check_choice("mec_lambda_mode", self.mec_lambda_mode, LAMBDA_MODES)
+        check_choice("mec_lambda_mode", self.mec_lambda_mode, LAMBDA_MODES)
         _check_positive("mec_target_radius", self.mec_target_radius)
         if not self.mec_target_radius < 1:
             raise ValueError(f"mec_target_radius must be in (0, 1) for the series to converge, got {self.mec_target_radius}.")
         if isinstance(self.mec_experts, bool) or not isinstance(self.mec_experts, int) or self.mec_experts < 1:
             raise ValueError(f"mec_experts must be an int >= 1, got {self.mec_experts!r}.")
-        _check_choice("mec_routing", self.mec_routing, ROUTINGS)
+        check_choice("mec_routing", self.mec_routing, ROUTINGS)
         _check_positive("mec_warmup_fraction", self.mec_warmup_fraction, allow_zero=True)
         if self.mec_warmup_fraction > 1:
             raise ValueError(f"mec_warmup_fraction must be in [0, 1], got {self.mec_warmup_fraction}.")

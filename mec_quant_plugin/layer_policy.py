@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .modules.registry import is_fake_quantized, is_supported_layer
+from .modules.registry import is_fake_quantized, is_supported_layer, supported_type_names
 
 
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -42,7 +42,7 @@ def find_input_layers(model: nn.Module) -> list[str]:
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no layer the plugin can quantize "
-            "(supported: nn.Linear, nn.Conv2d, nn.Embedding, transformers Conv1D)."
+            f"(supported: {', '.join(supported_type_names())})."
         )
     names = [name for name, mod in layers if isinstance(mod, nn.Embedding)]
     get_inputs = getattr(model, "get_input_embeddings", None)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import MECQuantConfig
 from ..modules.base import FakeQuantizedModule
+from ..options import bits_label
 
 
 def _bits_per_group(model: nn.Module) -> dict[str, list[str]]:
@@ -22,7 +23,7 @@ def _bits_per_group(model: nn.Module) -> dict[str, list[str]]:
             continue
         wbits = str(target).replace("torch.int", "")
         afq = mod.activation_fake_quantizer if isinstance(mod, FakeQuantizedModule) else None
-        key = f"W{wbits}A{afq.bits if afq is not None else 'float'}"
+        key = bits_label(wbits, None if afq is None else afq.bits)
         groups.setdefault(key, []).append(name)
     return groups
 
@@ -46,7 +47,7 @@ def write_model_card(model: nn.Module, config: MECQuantConfig, run_info: dict[st
     lines = [
         *header,
         "",
-        f"# {name}: MEC-Quant W{config.weight_bits or 'float'}A{config.act_bits or 'float'}",
+        f"# {name}: MEC-Quant {bits_label(config.weight_bits, config.act_bits)}",
         "",
         "Quantization-aware trained with [mec-quant-plugin](https://pypi.org/project/mec-quant-plugin/)"
         + (f" from `{base}`" if base else "")

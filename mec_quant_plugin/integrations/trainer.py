@@ -96,9 +96,10 @@ class MECQuantCallback(TrainerCallback):
             `trainer.save_model()` / `trainer.push_to_hub()` write the quantized model.
         run_info: extra facts for the model card (e.g. {"base_model": ..., "dataset": ...}).
 
-    Logged through the Trainer (progress bar, TensorBoard, any `report_to`): `mec/loss`,
-    `mec/coding_length`, `mec/spectral_bound`, `mec/lambda` and per-expert shares, averaged over
-    the logging interval.
+    Logged through the Trainer (progress bar, TensorBoard, any `report_to`): every statistic of
+    the regularizer (`MECStats.to_dict()`: `mec/loss`, `mec/coding_length`, `mec/spectral_bound`,
+    `mec/lambda`, per-tap and per-expert values, the gate balance, the teacher's cost), averaged
+    over the logging interval.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[MECQuantCallback(MECQuantConfig())])
@@ -122,6 +123,7 @@ class MECQuantCallback(TrainerCallback):
         self.trainer: Any = None
         self._hook: Any = None
         self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
         self._count = 0
         self._warned: set[str] = set()
 
@@ -214,9 +216,10 @@ class MECQuantCallback(TrainerCallback):
             return None
         output["loss"] = loss + term / self._loss_divisor(kwargs)
         stats = reg.last_stats
-        for key, value in stats.items():
+        for key, value in stats.items():  # every statistic, each averaged over the steps that had it
             if math.isfinite(value):
                 self._sums[key] = self._sums.get(key, 0.0) + value
+                self._counts[key] = self._counts.get(key, 0) + 1
         self._count += 1
         # The adaptive lambda holds the spectral radius at its target by construction; with a fixed
         # lambda the Frobenius bound is the only guard users have.
@@ -236,15 +239,11 @@ class MECQuantCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self._count:
-            ours = {
-                f"mec/{key}": round(total / self._count, 6)
-                for key, total in self._sums.items()
-                if key in ("loss", "coding_length", "spectral_bound", "lambda") or key.startswith("expert_")
-            }
+            ours = {f"mec/{key}": round(total / self._counts[key], 6) for key, total in self._sums.items()}
             logs.update(ours)  # what the reporters (progress bar, TensorBoard, ...) receive
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(ours)  # the Trainer appended its copy before on_log
-            self._sums, self._count = {}, 0
+            self._sums, self._counts, self._count = {}, {}, 0
         return control
 
     def detach(self, model: nn.Module) -> None:

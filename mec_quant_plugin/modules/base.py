@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..options import bits_label
 from ..quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 
 
@@ -93,7 +94,9 @@ class FakeQuantizedModule:
         return new
 
     def bits_summary(self) -> str:
+        """The layer's `W{w}A{a}` label, e.g. "W2A2", "W8Afloat", "WternaryA4"."""
         w = self.weight_fake_quantizer
         a = self.activation_fake_quantizer
-        wb = "float" if w is None else ("ternary" if w.ternary else str(w.bits))
-        return f"W{wb}A{'float' if a is None else a.bits}"
+        if w is None:
+            return bits_label(None, None if a is None else a.bits)
+        return bits_label(w.bits, None if a is None else a.bits, ternary=w.ternary)

@@ -6,6 +6,7 @@
 - `adaptive_lambda`, `center_features`: conditioning that keeps the series convergent;
 - `FeatureCapture`: forward hooks recording the representation (head input, block outputs);
 - `MECRegularizer`, `make_teacher`: the term as one module driven by the training step;
+- `TermStats`, `MECStats`: the typed statistics of a term and of the regularizer's last call;
 - `gather_rows`: gradient-preserving all-gather for data parallelism.
 """
 
@@ -15,10 +16,14 @@ from .conditioning import adaptive_lambda, center_features, normalize_rows, warm
 from .distributed import gather_rows
 from .mixture import mixture_coding_length_loss
 from .regularizer import MECRegularizer, make_teacher
+from .stats import MECStats, TapStats, TermStats
 
 __all__ = [
     "FeatureCapture",
     "MECRegularizer",
+    "MECStats",
+    "TapStats",
+    "TermStats",
     "adaptive_lambda",
     "center_features",
     "coding_length_loss",

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-TAP_SIDES = ("input", "output")
-
+from ..options import TAP_SIDES, TAPS, check_choice
 
 def _available(model: nn.Module, limit: int = 12) -> str:
     names = [n for n, _ in model.named_modules() if n]
@@ -108,8 +107,7 @@ def resolve_taps(model: nn.Module, taps: str = "head", tap_modules: list[str] | 
     """
     if tap_modules:
         return [(name, "input") for name in tap_modules]
-    if taps not in ("head", "blocks", "head+blocks"):
-        raise ValueError(f"taps must be one of ['head', 'blocks', 'head+blocks'], got {taps!r}.")
+    check_choice("taps", taps, TAPS)
     from ..layer_policy import find_head_layer  # the policy's module registry loads lazily
 
     found: list[tuple[str, str]] = []
@@ -170,8 +168,7 @@ class FeatureCapture:
             model.register_forward_hook(self._stop, always_call=True),
         ]
         for name, side in self.taps:
-            if side not in TAP_SIDES:
-                raise ValueError(f"Tap side must be one of {list(TAP_SIDES)}, got {side!r} for {name!r}.")
+            check_choice(f"the side of tap {name!r}", side, TAP_SIDES)
             if name not in modules:
                 raise ValueError(f"No module named {name!r} in {type(model).__name__}; modules: {_available(model)}.")
             self._handles.append(modules[name].register_forward_hook(self._make_hook(name, side)))

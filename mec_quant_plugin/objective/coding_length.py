@@ -11,34 +11,17 @@ log det runs in fp64.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from ..options import check_order
 from .conditioning import batched_adaptive_lambda, fixed_lambda, gram_adaptive_lambda, normalize_rows
+from .stats import TermStats
 
 ADAPTIVE_ITERS = 8  # power iterations of the adaptive lambda
 
 FORM_SAMPLES = "m x m"
 FORM_FEATURES = "d x d"
-
-
-def check_order(order: int | None) -> None:
-    """Validate a Taylor order: an even int >= 2, or None for the exact log det.
-
-    Raises:
-        ValueError: odd, non-int or < 2.
-    """
-    if order is None:
-        return
-    if isinstance(order, bool) or not isinstance(order, int) or order < 2:
-        raise ValueError(f"order must be an even int >= 2 or None (exact log det), got {order!r}.")
-    if order % 2:
-        raise ValueError(
-            f"order must be even, got {order}: an odd truncation of log det is hugely positive at "
-            "collapse (all rows equal), so maximizing it would reward collapse instead of penalizing it."
-        )
 
 
 def check_views(z1: Tensor, z2: Tensor | None) -> tuple[int, int]:
@@ -128,7 +111,7 @@ def coding_length_loss(
     lam_scale: float = 1.0,
     normalize: bool = True,
     form: str = "auto",
-) -> tuple[Tensor, dict[str, Any]]:
+) -> tuple[Tensor, TermStats]:
     """MEC's loss `-S / (m * lambda)` on two views (z2=None: the "self" view, z2 = z1).
 
     lambda is `d / (m * eps2)` (fixed) or, when `target_radius` is given, `adaptive_lambda` (eps2
@@ -138,14 +121,14 @@ def coding_length_loss(
     row normalization (for callers that scaled normalized rows themselves).
 
     Returns:
-        (loss, stats): loss an fp32 scalar with grad; stats holds detached scalars `coding_length`
-        (mu*S/m), `spectral_bound` (||C||_F of the form computed, >= the spectral radius of C; the
-        series converges when it is < 1), `lambda`, and the strings/ints `form`, `order`.
+        (loss, stats): loss an fp32 scalar with grad; stats a `TermStats` of detached scalars:
+        `coding_length` (mu*S/m), `spectral_bound` (||C||_F of the form computed, >= the spectral
+        radius of C; the series converges when it is < 1), `lam`, and `form`, `order`.
 
     Example:
         >>> z = torch.randn(256, 64, requires_grad=True)
         >>> loss, stats = coding_length_loss(z, eps2=64.0)
-        >>> loss.backward(); stats["form"]
+        >>> loss.backward(); stats.form
         'd x d'
 
     Raises:
@@ -168,7 +151,10 @@ def coding_length_loss(
             a.unsqueeze(0), None if b is None else b.unsqueeze(0),
             eps2=eps2, order=order, target_radius=target_radius, lam_scale=lam_scale, form=form,
         )
-    return loss[0], {k: v[0] if isinstance(v, Tensor) else v for k, v in stats.items()}
+    return loss[0], TermStats(
+        coding_length=stats.coding_length[0], spectral_bound=stats.spectral_bound[0], lam=stats.lam[0],
+        form=stats.form, order=stats.order,
+    )
 
 
 def grouped_coding_length_loss(
@@ -180,10 +166,10 @@ def grouped_coding_length_loss(
     target_radius: float | None,
     lam_scale: float = 1.0,
     form: str = "auto",
-) -> tuple[Tensor, dict[str, Any]]:
+) -> tuple[Tensor, TermStats]:
     """`coding_length_loss` of K groups at once (batched matmuls): a, b are (K, m, d) views whose
-    rows are already normalized (b=None: self view). Returns the (K,) losses and (K,) stats; each
-    group has its own lambda (from its own m, d, or its own spectral estimate)."""
+    rows are already normalized (b=None: self view). Returns the (K,) losses and a TermStats of
+    (K,) values; each group has its own lambda (from its own m, d, or its own spectral estimate)."""
     m, d = a.shape[-2:]
     symmetric = b is None
     g, form = _small_form(a, a if b is None else b, form)
@@ -207,11 +193,7 @@ def grouped_coding_length_loss(
         # In the self view tr(C^2) = ||C||_F^2 already; otherwise one more reduction.
         bound = traces[1].detach().clamp_min(0).sqrt() if symmetric else torch.linalg.matrix_norm(c.detach())
     loss = -series / (m * lam)
-    stats: dict[str, Any] = {
-        "coding_length": ((m + d) / 2 * series / m).detach(),
-        "spectral_bound": bound,
-        "lambda": lam.detach(),
-        "form": form,
-        "order": order,
-    }
+    stats = TermStats(
+        coding_length=((m + d) / 2 * series / m).detach(), spectral_bound=bound, lam=lam.detach(), form=form, order=order
+    )
     return loss, stats

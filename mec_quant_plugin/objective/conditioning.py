@@ -10,6 +10,7 @@ lambda each step from a cheap power-iteration estimate of the spectral radius (`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -113,25 +114,40 @@ def adaptive_lambda(
         return batched_adaptive_lambda(a.unsqueeze(0), b.unsqueeze(0), target_radius, iters, fallback)[0]
 
 
+def _sigma_max(
+    matvec: Callable[[Tensor], Tensor], rmatvec: Callable[[Tensor], Tensor], k: int, n: int, like: Tensor, iters: int
+) -> Tensor:
+    """Largest singular values (K,) of K stacked matrices G, by `iters` power iterations on G^T G.
+
+    `matvec(v)` = G v and `rmatvec(u)` = G^T u on (K, n, 1) stacks, so G itself need not exist.
+    The estimate approaches sigma_max from below.
+    """
+    # A fixed, generic start vector: ones would be (nearly) orthogonal to the top direction
+    # of centered features, a random one would make lambda depend on the global RNG state.
+    v = torch.sin(torch.arange(n, device=like.device, dtype=like.dtype) * 12.9898 + 78.233) + 1.5
+    v = v.expand(k, n).unsqueeze(-1)
+    sigma2 = torch.zeros(k, device=like.device, dtype=like.dtype)
+    for _ in range(iters):
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        gv = matvec(v)
+        sigma2 = gv.pow(2).sum(dim=(1, 2))  # ||G v||^2 with ||v|| = 1: sigma_max^2 from below
+        v = rmatvec(gv)  # G^T G v
+    return sigma2.sqrt()
+
+
+def _lambda_from_sigma(sigma: Tensor, target_radius: float, fallback: float) -> Tensor:
+    # Unit rows give sigma >= 1 when there is any signal; far below means the batch is zero.
+    degenerate = sigma < 1e-6
+    return torch.where(degenerate, torch.full_like(sigma, fallback), target_radius / sigma.clamp_min(1e-6))
+
+
 def batched_adaptive_lambda(a: Tensor, b: Tensor, target_radius: float, iters: int, fallback: float) -> Tensor:
     """`adaptive_lambda` for K groups at once: a, b are (K, m, d) row-normalized views; returns (K,)."""
     with torch.no_grad():
         a, b = a.detach(), b.detach()
-        m = a.shape[-2]
-        # A fixed, generic start vector: ones would be (nearly) orthogonal to the top direction
-        # of centered features, a random one would make lambda depend on the global RNG state.
-        v = torch.sin(torch.arange(m, device=a.device, dtype=a.dtype) * 12.9898 + 78.233) + 1.5
-        v = v.expand(a.shape[0], m).unsqueeze(-1)
-        sigma2 = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
-        for _ in range(iters):
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            gv = a @ (b.mT @ v)  # G v with G = Z1 Z2^T, never formed
-            sigma2 = gv.pow(2).sum(dim=(1, 2))  # ||G v||^2 with ||v|| = 1: sigma_max^2 from below
-            v = b @ (a.mT @ gv)  # G^T G v
-        sigma = sigma2.sqrt()
-        # Unit rows give sigma >= 1 when there is any signal; far below means the batch is zero.
-        degenerate = sigma < 1e-6
-        return torch.where(degenerate, torch.full_like(sigma, fallback), target_radius / sigma.clamp_min(1e-6))
+        # G = Z1 Z2^T is never formed: G v = Z1 (Z2^T v), G^T u = Z2 (Z1^T u).
+        sigma = _sigma_max(lambda v: a @ (b.mT @ v), lambda u: b @ (a.mT @ u), a.shape[0], a.shape[-2], a, iters)
+        return _lambda_from_sigma(sigma, target_radius, fallback)
 
 
 def gram_adaptive_lambda(gram: Tensor, target_radius: float, iters: int, fallback: float) -> Tensor:
@@ -139,18 +155,8 @@ def gram_adaptive_lambda(gram: Tensor, target_radius: float, iters: int, fallbac
     nonzero spectrum), which the term computes anyway: power iterations then cost n^2, not m*d."""
     with torch.no_grad():
         g = gram.detach()
-        n = g.shape[-1]
-        v = torch.sin(torch.arange(n, device=g.device, dtype=g.dtype) * 12.9898 + 78.233) + 1.5
-        v = v.expand(g.shape[0], n).unsqueeze(-1)
-        sigma2 = torch.zeros(g.shape[0], device=g.device, dtype=g.dtype)
-        for _ in range(iters):  # the same iteration as above: G^T G = G^2 for a symmetric G
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            gv = g @ v
-            sigma2 = gv.pow(2).sum(dim=(1, 2))
-            v = g @ gv
-        sigma = sigma2.sqrt()
-        degenerate = sigma < 1e-6
-        return torch.where(degenerate, torch.full_like(sigma, fallback), target_radius / sigma.clamp_min(1e-6))
+        sigma = _sigma_max(lambda v: g @ v, lambda u: g @ u, g.shape[0], g.shape[-1], g, iters)  # G^T = G
+        return _lambda_from_sigma(sigma, target_radius, fallback)
 
 
 def warmup_lambda_scale(step: int, total_steps: int, fraction: float) -> float:

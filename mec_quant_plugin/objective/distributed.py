@@ -16,10 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def gather_enabled() -> bool:
-    """True when torch.distributed is initialized with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from ..distributed import is_distributed
 
 
 class _GatherRows(torch.autograd.Function):
@@ -61,6 +58,6 @@ def gather_rows(rows: Tensor, group: Any | None = None) -> Tensor:
     """
     if rows.dim() != 2:
         raise ValueError(f"gather_rows expects (m, d) rows, got shape {tuple(rows.shape)}.")
-    if not gather_enabled():
+    if not is_distributed():
         return rows
     return _GatherRows.apply(rows, group)

@@ -16,20 +16,21 @@ Every routing equals `coding_length_loss` at K = 1 (same arithmetic, not just th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .coding_length import check_order, check_views, grouped_coding_length_loss
+from ..options import ROUTINGS, check_choice, check_order
+from .coding_length import check_views, grouped_coding_length_loss
 from .conditioning import normalize_rows
-
-ROUTINGS = ("magnitude", "gate", "features")
+from .stats import TermStats
 
 
 def _grouped(
     views: list[tuple[Tensor, Tensor | None]], kwargs: dict[str, Any], eps2s: list[float | None] | None = None
-) -> tuple[Tensor, dict[str, Any]]:
+) -> tuple[Tensor, TermStats]:
     """Losses (K,) and stats of the experts' normalized views: one batched call when the experts
     have equal shapes (the common case: K divides m or d), else one call per expert. `eps2s`
     overrides eps2 per expert (the feature split scales it with the group size)."""
@@ -43,23 +44,28 @@ def _grouped(
         grouped_coding_length_loss(a[None], None if b is None else b[None], **{**kwargs, "eps2": eps2})
         for (a, b), eps2 in zip(views, eps2s, strict=True)
     ]
-    stats = {k: torch.cat([s[k] for _, s in parts]) for k in ("coding_length", "spectral_bound", "lambda")}
-    stats.update(form=parts[0][1]["form"], order=parts[0][1]["order"])
+    first = parts[0][1]
+    stats = TermStats(
+        coding_length=torch.cat([s.coding_length for _, s in parts]),
+        spectral_bound=torch.cat([s.spectral_bound for _, s in parts]),
+        lam=torch.cat([s.lam for _, s in parts]),
+        form=first.form,
+        order=first.order,
+    )
     return torch.cat([loss for loss, _ in parts]), stats
 
 
-def _mix(losses: Tensor, stats: dict[str, Any], weights: Tensor, cl_weights: Tensor) -> tuple[Tensor, dict[str, Any]]:
+def _mix(losses: Tensor, stats: TermStats, weights: Tensor, cl_weights: Tensor) -> tuple[Tensor, TermStats]:
     """Weighted sum of expert losses and coding lengths; bound = max over experts."""
-    out: dict[str, Any] = {
-        "coding_length": (cl_weights * stats["coding_length"]).sum(),
-        "spectral_bound": stats["spectral_bound"].max(),
-        "lambda": stats["lambda"].mean(),
-        "form": stats["form"],
-        "order": stats["order"],
-    }
-    for e, lam in enumerate(stats["lambda"]):
-        out[f"expert_lambda/{e}"] = lam
-    return (weights * losses).sum(), out
+    mixed = TermStats(
+        coding_length=(cl_weights * stats.coding_length).sum(),
+        spectral_bound=stats.spectral_bound.max(),
+        lam=stats.lam.mean(),
+        form=stats.form,
+        order=stats.order,
+        expert_lambda=tuple(stats.lam.unbind()),
+    )
+    return (weights * losses).sum(), mixed
 
 
 def mixture_coding_length_loss(
@@ -74,7 +80,7 @@ def mixture_coding_length_loss(
     target_radius: float | None = None,
     lam_scale: float = 1.0,
     balance_weight: float = 0.01,
-) -> tuple[Tensor, dict[str, Any]]:
+) -> tuple[Tensor, TermStats]:
     """MEC's loss split among `experts` experts (see the module docstring for the routings).
 
     Arguments are those of `coding_length_loss`, plus the number of experts K, the routing, the
@@ -83,8 +89,9 @@ def mixture_coding_length_loss(
     z1 (the teacher in the teacher view).
 
     Returns:
-        (loss, stats) as `coding_length_loss`, plus `expert_share/e` (fraction of samples, or of
-        features, given to expert e), `expert_lambda/e` and, for the gate, `balance`.
+        (loss, stats) as `coding_length_loss`; stats also holds `expert_share` (per expert, the
+        fraction of samples, or of features, it codes), `expert_lambda`, `routing` and, for the
+        gate, `balance`.
 
     Example:
         >>> z = torch.randn(512, 4096)
@@ -95,8 +102,7 @@ def mixture_coding_length_loss(
     """
     check_order(order)
     m, d = check_views(z1, z2)
-    if routing not in ROUTINGS:
-        raise ValueError(f"routing must be one of {list(ROUTINGS)}, got {routing!r}.")
+    check_choice("routing", routing, ROUTINGS)
     if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
         raise ValueError(f"experts must be an int >= 1, got {experts!r}.")
     kwargs = dict(eps2=eps2, order=order, target_radius=target_radius, lam_scale=lam_scale)
@@ -139,16 +145,12 @@ def mixture_coding_length_loss(
             loss, stats = _mix(losses, stats, weights, weights)
         else:
             loss, stats, shares = _gate_routed(a, b, gate, experts, kwargs, balance_weight)
-    for e, share in enumerate(shares):
-        stats[f"expert_share/{e}"] = share
-    stats["experts"] = experts
-    stats["routing"] = routing
-    return loss, stats
+    return loss, dataclasses.replace(stats, expert_share=tuple(shares), routing=routing)
 
 
 def _gate_routed(
     z1: Tensor, z2: Tensor | None, gate: nn.Module | None, experts: int, kwargs: dict[str, Any], balance_weight: float
-) -> tuple[Tensor, dict[str, Any], list[Tensor]]:
+) -> tuple[Tensor, TermStats, list[Tensor]]:
     if gate is None:
         raise ValueError("routing='gate' needs a gate: an nn.Module mapping (m, d) features to (m, experts) logits.")
     m = z1.shape[0]
@@ -179,5 +181,4 @@ def _gate_routed(
         fraction = torch.tensor(counts, dtype=probs.dtype, device=probs.device) / m
         balance = experts * (fraction * probs.mean(dim=0)).sum() - 1.0
         loss = loss + balance_weight * balance
-    stats["balance"] = balance.detach()
-    return loss, stats, [fraction[e] for e in range(experts)]
+    return loss, dataclasses.replace(stats, balance=balance.detach()), [fraction[e] for e in range(experts)]

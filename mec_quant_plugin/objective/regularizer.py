@@ -24,8 +24,10 @@ from ..config import MECQuantConfig
 from .capture import FeatureCapture, resolve_taps
 from .coding_length import coding_length_loss
 from .conditioning import center_features, warmup_lambda_scale
-from .distributed import gather_enabled, gather_rows
+from ..distributed import is_distributed
+from .distributed import gather_rows
 from .mixture import mixture_coding_length_loss
+from .stats import MECStats, TapStats, TermStats
 
 
 def make_teacher(model: nn.Module) -> nn.Module:
@@ -71,9 +73,9 @@ class MECRegularizer(nn.Module):
         balance_weight: weight of the gate's load-balancing term.
         seed: base seed of token-row sub-sampling.
 
-    `last_stats` (floats) holds `loss` (unweighted), `coding_length`, `spectral_bound`, `lambda`,
-    `lambda_scale`, `rows`, `expert_share/e` for mixtures, `teacher_ms` / `teacher_param_mb` for
-    the teacher view; it is empty when the last call computed nothing.
+    `stats` is the `MECStats` of the last call (None when it computed nothing): the unweighted
+    loss, per-tap `TermStats`, the warm-up factor, the teacher's cost. `last_stats` is the same
+    as floats by log key (`MECStats.to_dict`), `{}` when nothing was computed.
 
     Raises:
         ValueError: teacher view without teacher; taps not found; gate dimension unknown.
@@ -119,7 +121,7 @@ class MECRegularizer(nn.Module):
                     )
                 self.gates[self._key(name)] = nn.Linear(dim, config.mec_experts).to(_param_device(model))
         self.lambda_scale = 1.0
-        self._stats: dict[str, Any] = {}
+        self.stats: MECStats | None = None
         self._warned_small = False
 
     @staticmethod
@@ -143,10 +145,16 @@ class MECRegularizer(nn.Module):
 
     @property
     def last_stats(self) -> dict[str, float]:
-        """Statistics of the last call, as floats (converted on access: no device sync per step)."""
-        return {k: float(v) for k, v in self._stats.items() if isinstance(v, (int, float, Tensor))}
+        """`stats.to_dict()`: every statistic of the last call as a float by log key, `{}` when it
+        computed nothing (converted on access, with one device sync: none in the training step).
 
-    def _teacher_features(self) -> dict[str, Tensor]:
+        Example:
+            >>> loss = task_loss + reg(); print(reg.last_stats.get("loss", 0.0))
+        """
+        return {} if self.stats is None else self.stats.to_dict()
+
+    def _teacher_features(self) -> tuple[dict[str, Tensor], float, float]:
+        """The teacher's features of the student's last inputs, its forward time (ms), its size (MB)."""
         teacher, capture = self.__dict__["_teacher"], self.teacher_capture
         args, kwargs = self.capture.inputs
         kwargs = {k: v for k, v in kwargs.items() if k != "labels"}  # the teacher's loss is not needed
@@ -156,13 +164,13 @@ class MECRegularizer(nn.Module):
         start = time.perf_counter()
         with torch.no_grad():
             teacher(*args, **kwargs)
-        self._stats["teacher_ms"] = 1000 * (time.perf_counter() - start)
-        self._stats["teacher_param_mb"] = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) / 2**20
-        return capture.pop()
+        elapsed_ms = 1000 * (time.perf_counter() - start)
+        size_mb = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) / 2**20
+        return capture.pop(), elapsed_ms, size_mb
 
-    def _term(self, name: str, student: Tensor, teacher: Tensor | None) -> tuple[Tensor, dict[str, Any]] | None:
+    def _term(self, name: str, student: Tensor, teacher: Tensor | None) -> tuple[Tensor, TermStats] | None:
         cfg = self.config
-        if cfg.mec_gather and gather_enabled():
+        if cfg.mec_gather and is_distributed():
             student = gather_rows(student)
             teacher = None if teacher is None else gather_rows(teacher)
         z2 = student.float()
@@ -206,42 +214,34 @@ class MECRegularizer(nn.Module):
         Returns a zero tensor (no error) when beta is 0 or nothing was captured (eval forward).
         """
         features = self.capture.pop()
-        self._stats = {}
+        self.stats = None
         device = _param_device(self.__dict__["_model"])
         beta = self.config.mec_weight
         if beta == 0 or not features or self.capture.inputs is None:
             self.capture.clear()
             return torch.zeros((), device=device)
-        teacher_features = self._teacher_features() if self.teacher_capture is not None else {}
+        teacher_features, teacher_ms, teacher_mb = {}, None, None
+        if self.teacher_capture is not None:
+            teacher_features, teacher_ms, teacher_mb = self._teacher_features()
         self.capture.clear()
-        losses, per_tap = [], []
+        losses, taps = [], {}
         for name, _ in self.taps:
             if name not in features:
                 continue
             result = self._term(name, features[name], teacher_features.get(name))
             if result is None:
                 continue
-            loss, stats = result
+            loss, term = result
             losses.append(loss)
-            per_tap.append((name, {**stats, "loss": loss.detach()}))
-            self._stats["rows"] = self._stats.get("rows", 0) + features[name].shape[0]
+            taps[name] = TapStats(loss=loss.detach(), rows=features[name].shape[0], term=term)
         if not losses:
-            self._stats = {}
             return torch.zeros((), device=device)
         # Normalized by the number of taps, so adding block taps does not rescale beta.
         loss = torch.stack(losses).mean()
-        self._stats["loss"] = loss.detach()
-        self._stats["lambda_scale"] = self.lambda_scale
-        for key in ("coding_length", "lambda"):
-            self._stats[key] = torch.stack([s[key] for _, s in per_tap]).mean()
-        self._stats["spectral_bound"] = torch.stack([s["spectral_bound"] for _, s in per_tap]).max()
-        for name, stats in per_tap:
-            prefix = "" if len(per_tap) == 1 else f"{name}/"
-            for key, value in stats.items():
-                if key.startswith(("expert_", "balance")):
-                    self._stats[prefix + key] = value.detach() if isinstance(value, Tensor) else value
-                elif prefix and key in ("loss", "coding_length", "spectral_bound", "lambda"):
-                    self._stats[prefix + key] = value
+        self.stats = MECStats(
+            loss=loss.detach(), lambda_scale=self.lambda_scale, taps=taps,
+            teacher_ms=teacher_ms, teacher_param_mb=teacher_mb,
+        )
         return beta * loss
 
     def remove(self) -> None:

@@ -40,6 +40,19 @@ def test_callback_only_flow(name, tmp_path):
     assert not any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None for m in model.modules())
 
 
+def test_every_regularizer_statistic_reaches_the_logs(tmp_path):
+    # teacher view, two taps, gate-routed experts: per-tap losses, the gate balance, the teacher's cost
+    config = MECQuantConfig(weight_bits=2, act_bits=4, mec_view="teacher", mec_experts=2, mec_routing="gate",
+                            mec_tap_modules=["classifier", "vit.layers.1.mlp.fc1"])
+    trainer, cb, _ = make_trainer("vit", str(tmp_path), config)
+    cb.convert_on_train_end = False
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history if "loss" in entry for key in entry if key.startswith("mec/")}
+    computed = {f"mec/{key}" for key in cb.regularizer.last_stats}
+    assert computed and computed <= logged, computed - logged
+    assert {"mec/teacher_ms", "mec/rows", "mec/classifier/loss", "mec/classifier/balance"} <= logged
+
+
 def test_eval_loss_is_the_task_loss(tmp_path):
     trainer, cb, ds = make_trainer("llama", str(tmp_path))
     model = trainer.model

@@ -27,7 +27,7 @@ def test_adaptive_lambda_keeps_the_bound_at_target(features):
     assert radius == pytest.approx(0.5, rel=0.02)
     _, stats = coding_length_loss(z, eps2=1.0, target_radius=0.5)
     # On such features the Frobenius bound is the spectral radius up to the small tail.
-    assert 0.5 * 0.98 <= stats["spectral_bound"].item() <= 0.5 * 1.3
+    assert 0.5 * 0.98 <= stats.spectral_bound.item() <= 0.5 * 1.3
 
 
 def test_fixed_lambda_diverges_where_adaptive_converges():
@@ -35,7 +35,7 @@ def test_fixed_lambda_diverges_where_adaptive_converges():
     m, d = z.shape
     _, fixed = coding_length_loss(z, eps2=d / 32)  # MEC's eps^2/d = 1/32
     _, adaptive = coding_length_loss(z, eps2=d / 32, target_radius=0.5)
-    assert fixed["spectral_bound"] > 10 and adaptive["spectral_bound"] < 1
+    assert fixed.spectral_bound > 10 and adaptive.spectral_bound < 1
 
 
 def test_adaptive_lambda_teacher_view_bounds_the_spectral_radius():

@@ -22,8 +22,8 @@ def test_one_expert_equals_the_plain_term_exactly(routing, view, setting):
     plain, plain_stats = coding_length_loss(z1, z2, **setting)
     mixed, stats = mixture_coding_length_loss(z1, z2, experts=1, routing=routing, gate=gate, **setting)
     assert torch.equal(mixed, plain)  # bit for bit: the same arithmetic
-    assert torch.equal(stats["coding_length"], plain_stats["coding_length"])
-    assert float(stats["expert_share/0"]) == 1.0
+    assert torch.equal(stats.coding_length, plain_stats.coding_length)
+    assert float(stats.expert_share[0]) == 1.0
 
 
 @pytest.mark.parametrize("head_rows", [30, 33])  # 40 rows: equal shares (batched); 43: unequal (looped)
@@ -42,7 +42,7 @@ def test_magnitude_routing_codes_quantiles_separately(head_rows, view):
         lam_e = 8 / (m_e * 1.0)  # lambda_e = d / (m_e eps2)
         expected = expected + m_e / m * ref_loss(z[rows], None if z2 is None else z2[rows], lam_e, 4)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)  # fp32 vs fp64, near 0
-    assert sum(stats[f"expert_share/{e}"] for e in range(4)) == pytest.approx(1.0)
+    assert sum(stats.expert_share[e] for e in range(4)) == pytest.approx(1.0)
     # the 10 large-norm rows (the tail) land in the last expert(s), never with the head
     assert set(z.norm(dim=1).argsort()[-10:].tolist()) >= set(z.norm(dim=1).argsort().tensor_split(4)[-1].tolist())
 
@@ -58,7 +58,7 @@ def test_feature_split_is_the_block_diagonal_sum(d):
         expected_loss = expected_loss + d_e / d * ref_loss(z[:, cols], None, lam_e, 4)
         expected_cl = expected_cl + (16 + d_e) / 2 * ref_series(z[:, cols], None, lam_e, 4) / 16
     torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(stats["coding_length"].double(), expected_cl, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats.coding_length.double(), expected_cl, rtol=1e-5, atol=0)
 
 
 def test_gate_parameters_get_gradients_and_balance_is_reported():
@@ -69,10 +69,10 @@ def test_gate_parameters_get_gradients_and_balance_is_reported():
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
     assert gate.bias.grad.abs().sum() > 0
     assert torch.isfinite(z.grad).all()
-    shares = torch.stack([stats[f"expert_share/{e}"] for e in range(4)])
+    shares = torch.stack([stats.expert_share[e] for e in range(4)])
     torch.testing.assert_close(shares.sum(), torch.tensor(1.0))
-    assert stats["balance"] >= -1e-6 or stats["balance"] < 1  # reported as a finite scalar
-    assert torch.isfinite(stats["balance"])
+    assert stats.balance >= -1e-6 or stats.balance < 1  # reported as a finite scalar
+    assert torch.isfinite(stats.balance)
 
 
 def test_mixture_arguments_are_validated():

@@ -7,7 +7,14 @@ import torch
 from objective_helpers import TINY_MODELS, TinyMLP
 
 from mec_quant_plugin.config import MECQuantConfig
-from mec_quant_plugin.objective import MECRegularizer, center_features, coding_length_loss, make_teacher
+from mec_quant_plugin.objective import (
+    MECRegularizer,
+    MECStats,
+    TermStats,
+    center_features,
+    coding_length_loss,
+    make_teacher,
+)
 
 
 def _config(**changes) -> MECQuantConfig:
@@ -120,8 +127,27 @@ def test_mixture_config_reports_expert_shares(routing):
     term.backward()
     stats = reg.last_stats
     assert stats["expert_share/0"] + stats["expert_share/1"] == pytest.approx(1.0)
+    assert ("balance" in stats) == (routing == "gate")
+    assert reg.stats.taps["head"].term.routing == routing
     for p in gate_params:
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_stats_are_typed_and_flatten_to_every_log_key():
+    model = TinyMLP().train()
+    reg = MECRegularizer(model, _config(mec_tap_modules=["body.2", "head"], mec_experts=2, mec_routing="gate"))
+    model(torch.randn(20, 6))
+    reg()
+    stats = reg.stats
+    assert isinstance(stats, MECStats) and set(stats.taps) == {"body.2", "head"}
+    for tap in stats.taps.values():
+        assert isinstance(tap.term, TermStats) and tap.term.balance is not None and len(tap.term.expert_share) == 2
+    flat = reg.last_stats
+    assert flat == stats.to_dict() and all(isinstance(v, float) for v in flat.values())
+    assert flat["rows"] == stats.rows == 40 and flat["loss"] == pytest.approx(float(stats.loss))
+    for name in ("body.2", "head"):  # each tap's own numbers, under its name
+        assert {f"{name}/{key}" for key in ("loss", "coding_length", "spectral_bound", "lambda", "balance",
+                                            "expert_share/1", "expert_lambda/0")} <= set(flat)
 
 
 def test_block_taps_with_activation_checkpointing():

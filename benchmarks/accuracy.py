@@ -26,18 +26,11 @@ from typing import Any
 import torch
 
 from mec_quant_plugin import MECQuantConfig, calibrate_activations, convert_model, prepare_model
-from mec_quant_plugin.recipes.fashion_mnist import (
-    ARCHITECTURES,
-    accuracy,
-    collate,
-    fashion_mnist_datasets,
-    model_bytes,
-    pretrain_fp,
-    train,
-)
+from mec_quant_plugin.demo.fashion_mnist import accuracy, collate, fashion_mnist_datasets, model_bytes, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, commit, machine, parse_bits, parse_method, torchao_prepare  # noqa: E402
+from harness.fashion_mnist import ARCHITECTURES, pretrain_fp  # noqa: E402
 
 MODEL_DESCRIPTIONS = {
     "resnet": "ResNet (16-32-64, basic blocks), transformers config",

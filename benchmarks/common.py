@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mec_quant_plugin.demo.fashion_mnist import machine as cpu_machine
 from mec_quant_plugin.layer_policy import find_head_layer, find_input_layers
-from mec_quant_plugin.recipes.fashion_mnist import machine as cpu_machine
 
 ROOT = Path(__file__).resolve().parent
 METHOD_NAMES = ("fp", "ptq", "plain", "mec", "torchao")
@@ -38,10 +38,10 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def commit(*paths: str) -> str:
-    """HEAD, marked '+uncommitted' when the package or the given benchmark files differ from it."""
+    """HEAD, marked '+uncommitted' when the package, the harness or the given benchmark files differ from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "mec_quant_plugin", *paths],
+        dirty = subprocess.run(["git", "status", "--porcelain", "mec_quant_plugin", "benchmarks/harness", *paths],
                                capture_output=True, text=True, cwd=ROOT.parent).stdout.strip()
         return (sha or "unknown") + ("+uncommitted" if dirty else "")
     except OSError:

@@ -1,7 +1,8 @@
 """Language benchmarks on real Jane Austen text: FP, PTQ, plain QAT, MEC-Quant and torchao QAT.
 
-Two tasks, both through the same data path as `mec-quant train` (`mec_quant_plugin.cli.prepare_task`)
-and the same training path as a user's (`transformers.Trainer` + `MECQuantCallback`):
+Two tasks, both through the same data path as `mec-quant train` (`mec_quant_plugin.cli.tasks.prepare_task`,
+on the Austen data set built by `harness/austen.py` and saved to the work folder) and the same training
+path as a user's (`transformers.Trainer` + `MECQuantCallback`):
 
 * `classify`: pretrained all-MiniLM-L6-v2 fine-tuned to tell which of the six novels a 128-word
   passage comes from (chapters split between train and test, so test passages are unseen); metric:
@@ -45,11 +46,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig, calibrate_activations, convert_model, prepare_model
-from mec_quant_plugin.cli import DataArguments, evaluate, prepare_task
-from mec_quant_plugin.recipes.fashion_mnist import model_bytes
+from mec_quant_plugin.cli.arguments import DataArguments
+from mec_quant_plugin.cli.tasks import evaluate, prepare_task
+from mec_quant_plugin.demo.fashion_mnist import model_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, commit, machine, parse_bits, parse_method, torchao_prepare  # noqa: E402
+from harness.austen import save_austen  # noqa: E402
+from harness.models import resolve_model_path  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "classify": {"task": "text-classification", "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -184,11 +188,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     methods = [(m, *parse_method(m)) for m in args.methods]
     model_name = args.model or spec["model"]
-    data = DataArguments(model=model_name, dataset=spec["dataset"], task=spec["task"], max_length=spec["length"],
+    model_path = resolve_model_path(model_name)  # the offline copy when one is installed (harness/models.py)
+    work = Path(args.work_dir or f"outputs/bench-{args.task}")
+    dataset_dir = save_austen(spec["dataset"], work / spec["dataset"])
+    data = DataArguments(model=model_path, dataset=dataset_dir, task=spec["task"], max_length=spec["length"],
                          block_size=spec["length"], max_train_samples=args.max_train_samples,
                          max_eval_samples=args.max_eval_samples)
-    prepared = prepare_task(spec["task"], model_name, data, seed=0)
-    work = Path(args.work_dir or f"outputs/bench-{args.task}")
+    prepared = prepare_task(spec["task"], model_path, data, seed=0)
     fp = fp_start(spec, args, prepared, work)
     out = Path(args.out or ROOT / "results" / f"{args.task}.json")
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}  # appended to, resumable

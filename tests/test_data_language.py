@@ -1,4 +1,5 @@
-"""Jane Austen loaders (chapter splitting, by-chapter splits) and the offline pretrained models.
+"""The benchmark harness's Jane Austen loaders (chapter splitting, by-chapter splits) and offline
+pretrained models (`benchmarks/harness/`).
 
 The data tests run on the real novels when a copy is found (see `load_austen_novels`) and on a
 small synthetic set of six novels written as plain-text files otherwise; both go through the same
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import collections
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
-from mec_quant_plugin.data import austen
-from mec_quant_plugin.data.austen import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import austen  # noqa: E402
+from harness.austen import (  # noqa: E402
     NOVELS,
     TITLES,
     AustenNotFound,
@@ -23,7 +27,7 @@ from mec_quant_plugin.data.austen import (
     novel_chapters,
     split_chapters,
 )
-from mec_quant_plugin.data.models import SMOLLM2_HUB_ID, minilm_dir, resolve_model_path, smollm2_gguf_path
+from harness.models import SMOLLM2_HUB_ID, minilm_dir, resolve_model_path, smollm2_gguf_path  # noqa: E402
 
 HEADINGS = ("CHAPTER {roman}", "Chapter {n}", "CHAPTER {roman}.", "CHAPTER {n}")
 ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII")
@@ -241,9 +245,8 @@ def test_smollm2_converts_once_and_loads_offline(monkeypatch):
     pytest.importorskip("gguf")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import torch
+    from harness.models import ensure_smollm2_hf
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mec_quant_plugin.data.models import ensure_smollm2_hf
 
     path = resolve_model_path(SMOLLM2_HUB_ID, offline=True)
     assert path == ensure_smollm2_hf()

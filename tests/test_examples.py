@@ -23,15 +23,8 @@ def run(cmd: list[str], tmp_path: Path, timeout: int = 600, **extra_env: str) ->
     return proc.stdout
 
 
-def needs_fashion_mnist():
-    from mec_quant_plugin.data.fashion_mnist import _local_dir
-
-    if _local_dir() is None:
-        pytest.skip("Fashion-MNIST files not installed (apt-get install dataset-fashion-mnist)")
-
-
+@pytest.mark.data
 def test_vision_trainer(tmp_path):
-    needs_fashion_mnist()
     out = run([sys.executable, EXAMPLES / "vision_trainer.py", "--fp-steps", "20", "--max-steps", "20",
                "--output-dir", tmp_path / "out"], tmp_path)
     assert "W2A2 MEC-Quant: test accuracy" in out
@@ -39,25 +32,27 @@ def test_vision_trainer(tmp_path):
 
 
 def test_causal_lm_trainer_tiny(tmp_path):
-    from mec_quant_plugin.data.austen import AustenNotFound, load_austen_novels
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from harness.austen import AustenNotFound, load_austen_novels
 
     try:
         load_austen_novels()
     except AustenNotFound:
-        pytest.skip("Austen novels not installed (see mec_quant_plugin.data.austen)")
+        pytest.skip("Austen novels not installed (see benchmarks/harness/austen.py)")
     out = run([sys.executable, EXAMPLES / "causal_lm_trainer.py", "--tiny", "--max-steps", "20", "--eval-blocks", "8",
                "--output-dir", tmp_path / "out"], tmp_path)
     assert "held-out perplexity" in out and "W4A8 MEC-Quant after 20 steps" in out
 
 
+@pytest.mark.data
 def test_torchao_quantize(tmp_path):
-    needs_fashion_mnist()
     out = run([sys.executable, EXAMPLES / "torchao_quantize.py", "--max-steps", "30"], tmp_path)
     assert "W2A2: test accuracy" in out and "IntxUnpackedToInt8Tensor" in out
 
 
+@pytest.mark.data
+@pytest.mark.distributed
 def test_accelerate_loop_two_cpu_processes(tmp_path):
-    needs_fashion_mnist()
     # `--cpu --num_processes 2` would start ONE process (accelerate 1.15); --multi_gpu on a machine
     # with no visible GPU starts 2 processes that the script puts on CPU / gloo.
     out = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import mec_quant_plugin
-from mec_quant_plugin.recipes.fashion_mnist import collate, fashion_mnist_datasets, run_default
+from mec_quant_plugin.demo.fashion_mnist import collate, fashion_mnist_datasets, run_default
 
 
+@pytest.mark.data
 def test_default_job_quick_runs_end_to_end_and_saves_a_reloadable_model(tmp_path, capsys):
     results = run_default(str(tmp_path), quick=True)
     out = capsys.readouterr().out

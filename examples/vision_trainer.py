@@ -88,7 +88,7 @@ def main() -> None:
     train = Dataset.from_dict({"pixel_values": x.numpy(), "labels": y.numpy()})
     test = Dataset.from_dict({"pixel_values": xt.numpy(), "labels": yt.numpy()})
     model, processor = build_model(args)
-    model.accepts_loss_kwargs = False  # transformers' ResNet drops num_items_in_batch (see ecosystem notes)
+    model.accepts_loss_kwargs = False  # transformers' ResNet drops num_items_in_batch (docs/ecosystem-facts.md)
     collate = make_collate(model, processor)
 
     def training_args(name: str, steps: int, lr: float) -> TrainingArguments:

@@ -3,18 +3,20 @@
 Two lines on top of an existing pipeline:
 
     model = prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
-    ...train (loss = task_loss + MECRegularizer(model, config)(), or the Trainer callback)...
+    ...train (loss = task_loss + MECRegularizer(model, config)(), the Trainer callback or mixin)...
     model = convert_model(model)
 """
 
 from .api import calibrate_activations, convert_model, prepare_model, quantization_report
 from .checkpoint import convert_checkpoint
 from .config import MECQuantConfig
-from .integrations import MECQuantCallback, from_pretrained, make_saveable
+from .integrations import MECQuantCallback, MECQuantTrainerMixin, from_pretrained, make_saveable
 from .modules import is_fake_quantized, is_supported_layer
 from .objective import (
     FeatureCapture,
     MECRegularizer,
+    MECStats,
+    TermStats,
     adaptive_lambda,
     coding_length_loss,
     exact_coding_length,
@@ -30,7 +32,10 @@ __all__ = [
     "FeatureCapture",
     "MECQuantCallback",
     "MECQuantConfig",
+    "MECQuantTrainerMixin",
     "MECRegularizer",
+    "MECStats",
+    "TermStats",
     "WeightFakeQuantizer",
     "adaptive_lambda",
     "calibrate_activations",

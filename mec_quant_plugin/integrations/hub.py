@@ -13,12 +13,12 @@ Why a wrapper around `save_pretrained` (set on the instance, so `Trainer.save_mo
 `push_to_hub`, which both call `model.save_pretrained`, write our files too): transformers'
 tied-weight deduplication identifies tensors by storage pointer, which torchao's wrapper tensors
 do not share, so a tied lm_head would be written twice and fail plain reload (`aten.equal` is not
-implemented for `IntxUnpackedToInt8Tensor`); we drop the duplicate key ourselves.
+implemented for `IntxUnpackedToInt8Tensor`); we drop the duplicate key ourselves. Both touches
+of transformers internals live in `transformers_internals.py`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -34,13 +34,13 @@ from ..modules.base import FakeQuantizedModule
 from ..modules.registry import fake_quantized_class_for
 from ..quantizers import ActivationFakeQuantizer
 from .model_card import write_model_card
+from .transformers_internals import attach_torchao_quantizer, wrap_save_pretrained
 
 logger = logging.getLogger("mec_quant_plugin")
 
 MEC_CONFIG_FILE = "mec_quant_config.json"
 ACTIVATIONS_FILE = "mec_quant_activations.safetensors"
 _ACT_KEY = ".activation_fake_quantizer."
-_SAVE_MARK = "_mec_quant_save_wrapped"
 
 
 def standard_torchao_config(config: MECQuantConfig) -> Any:
@@ -84,30 +84,12 @@ def make_saveable(
     """
     if any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None for m in model.modules()):
         raise ValueError("make_saveable needs a converted model: call convert_model(model) first.")
-    from transformers.quantizers import AutoHfQuantizer
-
-    qc = standard_torchao_config(config)
     if hasattr(model, "config"):
-        model.config.quantization_config = qc
-        quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
-        flatten = quantizer.get_state_dict_and_metadata  # torchao's: flattens model.state_dict()
-        quantizer.get_state_dict_and_metadata = lambda m: flatten(_TiedFreeView(m))
-        model.hf_quantizer = quantizer
-        model.is_quantized = True
+        attach_torchao_quantizer(model, standard_torchao_config(config), _TiedFreeView)
     model.__dict__["_mec_quant_config"] = config
     model.__dict__["_mec_quant_run_info"] = dict(run_info or {})
-    if hasattr(model, "save_pretrained") and not getattr(model.save_pretrained, _SAVE_MARK, False):
-        original = type(model).save_pretrained
-
-        @functools.wraps(original)
-        def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
-            result = original(model, save_directory, *args, **kwargs)
-            if kwargs.get("is_main_process", True):
-                write_mec_files(model, save_directory)
-            return result
-
-        setattr(save_pretrained, _SAVE_MARK, True)
-        model.save_pretrained = save_pretrained
+    if hasattr(model, "save_pretrained"):
+        wrap_save_pretrained(model, write_mec_files)
     return model
 
 
@@ -186,6 +168,29 @@ def restore_activation_quantizers(model: nn.Module, folder: str | os.PathLike) -
     return len(layout)
 
 
+def model_class_from_config(folder: str | os.PathLike) -> type[nn.Module]:
+    """The transformers model class named by `architectures` in the folder's config.json.
+
+    Example:
+        >>> model_class_from_config("out/checkpoint-500")
+        <class 'transformers.models.resnet.modeling_resnet.ResNetForImageClassification'>
+
+    Raises:
+        FileNotFoundError: the folder has no config.json.
+        ValueError: config.json names no architecture transformers knows.
+    """
+    import transformers
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a Hugging Face model folder.")
+    archs = json.loads(path.read_text()).get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ValueError(f"config.json of {folder} names architectures={archs}; expected a transformers model class.")
+    return cls
+
+
 def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
     """Load a model saved by this plugin, restoring the learned activation quantizers too.
 
@@ -199,21 +204,13 @@ def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
     Raises:
         ValueError: config.json names no architecture transformers knows.
     """
-    import transformers
-
     folder = Path(path_or_repo_id)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
         # only safetensors and JSON are fetched: nothing is ever unpickled
-    cfg = json.loads((folder / "config.json").read_text())
-    archs = cfg.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise ValueError(
-            f"config.json of {path_or_repo_id} names architectures={archs}; expected a transformers model class."
-        )
+    cls = model_class_from_config(folder)
     kwargs.setdefault("trust_remote_code", False)
     model = cls.from_pretrained(str(folder), **kwargs)
     restore_activation_quantizers(model, folder)

@@ -1,0 +1,258 @@
+"""Every transformers internal the plugin relies on, in one module.
+
+The Trainer gives a callback no handle on itself, and a converted torchao model has no public
+way to be saved by `save_pretrained`; the plugin therefore reaches into transformers at the
+places below. Each was checked against transformers `CHECKED_WITH` (5.24); when one is missing
+in the installed version, `TransformersInternalsError` names it and the way out, rather than
+the plugin silently skipping what it does there.
+
+| function                      | internal it relies on                                          |
+|-------------------------------|----------------------------------------------------------------|
+| `calling_trainer`             | the Trainer's frame is on the stack during `on_init_end`       |
+| `model_drops_loss_kwargs`     | model forwards call `self.loss_function(..., **kwargs)`        |
+| `stop_passing_loss_kwargs`    | `Trainer.model_accepts_loss_kwargs`, `model.accepts_loss_kwargs` |
+| `check_trainer_builds_nothing`| `Trainer.model_init`, `Trainer.optimizer` set in `__init__`    |
+| `exclude_from_weight_decay`   | `Trainer.get_decay_parameter_names`, patched on the instance   |
+| `run_callback_first`          | `Trainer.callback_handler.callbacks`, a list in call order     |
+| `hook_loss_divisor`           | how `Trainer.compute_loss` scales a loss given `num_items_in_batch` |
+| `compute_loss_divisor`        | how `Trainer.training_step` scales `compute_loss`'s result     |
+| `add_to_logged_entry`         | `Trainer.log` appends its copy to `log_history` before `on_log` |
+| `attach_torchao_quantizer`    | `model.hf_quantizer` / `is_quantized`, the quantizer's `get_state_dict_and_metadata` |
+| `wrap_save_pretrained`        | `Trainer.save_model` / `push_to_hub` call `model.save_pretrained` |
+
+`make_saveable` uses the two saving ones; `MECQuantCallback` every Trainer one but
+`compute_loss_divisor`. `MECQuantTrainerMixin` overrides public Trainer methods (`compute_loss`,
+`get_decay_parameter_names`, `log`, `train`) and needs only the two loss-kwargs ones,
+`check_trainer_builds_nothing` and `compute_loss_divisor`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger("mec_quant_plugin")
+
+CHECKED_WITH = "5.24"
+
+_WAY_OUT = (
+    "Subclass the Trainer with MECQuantTrainerMixin (class MyTrainer(MECQuantTrainerMixin, Trainer)), "
+    f"which overrides public Trainer methods only, or install transformers {CHECKED_WITH}."
+)
+
+
+class TransformersInternalsError(RuntimeError):
+    """A transformers internal the plugin relies on is missing from the installed version."""
+
+
+def _missing(what: str, way_out: str = _WAY_OUT) -> TransformersInternalsError:
+    import transformers
+
+    return TransformersInternalsError(
+        f"mec_quant_plugin relies on the transformers internal {what} (checked with transformers "
+        f"{CHECKED_WITH}); transformers {transformers.__version__} does not have it. {way_out}"
+    )
+
+
+def _require(obj: Any, attr: str, what: str) -> Any:
+    if not hasattr(obj, attr):
+        raise _missing(what)
+    return getattr(obj, attr)
+
+
+# ---- the Trainer, seen from a callback ------------------------------------------------------
+def calling_trainer() -> Any:
+    """The Trainer whose `__init__` is running the callbacks' `on_init_end`.
+
+    Why: callbacks never receive the Trainer, but three things need it before training starts:
+    the weight-decay grouping (the optimizer is built later from `get_decay_parameter_names`),
+    the loss-kwargs flag, and the callback order. The Trainer's own frame (`self`) is a few
+    levels up the stack at that point.
+
+    Raises:
+        TransformersInternalsError: no Trainer on the call stack.
+    """
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    raise _missing("Trainer.__init__ on the call stack during on_init_end")
+
+
+def model_drops_loss_kwargs(model: nn.Module) -> bool:
+    """True unless the model's forward passes **kwargs on to `self.loss_function(...)`.
+
+    Why: models that compute their loss without `num_items_in_batch` (transformers' ResNet /
+    ConvNeXt call loss_function without it, BERT uses CrossEntropyLoss) still accept **kwargs,
+    so the Trainer would neither divide their loss by the accumulation steps nor let them
+    normalize it (measured: BERT's logged loss doubles at accumulation 2). Erring towards True
+    only changes how micro-batches are weighted (mean of means), never the scale. A forward
+    whose source cannot be read (compiled, generated) is assumed to pass them, with a warning.
+    """
+    try:
+        src = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        warnings.warn(
+            f"Cannot read the source of {type(model).__name__}.forward to tell whether it passes "
+            "num_items_in_batch to its loss; assuming it does (set model.accepts_loss_kwargs = False "
+            "before building the Trainer if its loss ignores it).",
+            stacklevel=2,
+        )
+        return False
+    calls = re.findall(r"self\.loss_function\(([^)]*)\)", src)
+    return not any("**kwargs" in c for c in calls)
+
+
+def stop_passing_loss_kwargs(trainer: Any, model: nn.Module) -> None:
+    """Make the Trainer treat the model as one whose loss ignores `num_items_in_batch` (if it
+    did not already): it then divides the loss by the accumulation steps itself.
+
+    Raises:
+        TransformersInternalsError: the Trainer has no `model_accepts_loss_kwargs`.
+    """
+    if _require(trainer, "model_accepts_loss_kwargs", "Trainer.model_accepts_loss_kwargs"):
+        model.accepts_loss_kwargs = False
+        trainer.model_accepts_loss_kwargs = False
+
+
+def check_trainer_builds_nothing(trainer: Any) -> str | None:
+    """Why the model cannot be prepared at the end of `Trainer.__init__`, or None.
+
+    A Trainer with `model_init` builds a fresh model at `train()`, and one given `optimizers=`
+    already holds an optimizer that would not own the learnable step sizes.
+
+    Raises:
+        TransformersInternalsError: the Trainer has no `model_init` / `optimizer` attribute.
+    """
+    if _require(trainer, "model_init", "Trainer.model_init") is not None:
+        return "the Trainer builds the model with model_init"
+    if _require(trainer, "optimizer", "Trainer.optimizer") is not None:
+        return "the Trainer got a ready optimizer (optimizers=...)"
+    return None
+
+
+def exclude_from_weight_decay(trainer: Any, exempt: Callable[[nn.Module], set[str]]) -> None:
+    """Remove `exempt(model)`'s parameter names from the weight-decay group the Trainer builds.
+
+    Raises:
+        TransformersInternalsError: the Trainer has no `get_decay_parameter_names`.
+    """
+    original = _require(trainer, "get_decay_parameter_names", "Trainer.get_decay_parameter_names")
+
+    def get_decay_parameter_names(opt_model: nn.Module) -> list[str]:
+        names = exempt(opt_model)
+        return [n for n in original(opt_model) if n not in names]
+
+    trainer.get_decay_parameter_names = get_decay_parameter_names
+
+
+def run_callback_first(trainer: Any, callback: Any) -> None:
+    """Move `callback` to the front, so its `on_log` adds keys before the reporters read them.
+
+    Raises:
+        TransformersInternalsError: the Trainer has no `callback_handler.callbacks` list.
+    """
+    handler = _require(trainer, "callback_handler", "Trainer.callback_handler")
+    callbacks = _require(handler, "callbacks", "Trainer.callback_handler.callbacks")
+    if callback in callbacks:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
+
+
+# ---- the loss scale under gradient accumulation and data parallelism ------------------------
+def hook_loss_divisor(trainer: Any, num_items_passed: bool) -> float:
+    """The divisor of a per-batch-mean term added to the MODEL's loss (inside its forward).
+
+    When the Trainer passes `num_items_in_batch` to the forward, it neither divides the loss by
+    the accumulation steps nor keeps it per process (`compute_loss` multiplies it by the number
+    of processes before DDP averages); undo both for the term.
+    """
+    if not num_items_passed:
+        return 1.0
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+    divisor = float(steps)
+    if trainer.args.average_tokens_across_devices:
+        divisor *= trainer.accelerator.num_processes
+    return divisor
+
+
+def compute_loss_divisor(trainer: Any, num_items_in_batch: Any) -> float:
+    """The divisor of a per-batch-mean term added to `compute_loss`'s result (after the
+    Trainer's own scaling): the accumulation steps when `training_step` will not divide the
+    loss itself (`loss_is_scaled_for_ga`, decided as `training_step` decides it), else 1.
+
+    Raises:
+        TransformersInternalsError: the Trainer has no `model_accepts_loss_kwargs`.
+    """
+    scaled = trainer.loss_is_scaled_for_ga
+    if scaled is None:
+        accepts = _require(trainer, "model_accepts_loss_kwargs", "Trainer.model_accepts_loss_kwargs")
+        scaled = (accepts and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    if not scaled:
+        return 1.0
+    return float(getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps)
+
+
+def add_to_logged_entry(state: Any, logs: dict[str, float]) -> None:
+    """Add keys, from a callback's `on_log`, to the entry `Trainer.log` appended to
+    `state.log_history` before calling `on_log` (the reporters get `logs` itself)."""
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(logs)
+
+
+# ---- saving a converted model ---------------------------------------------------------------
+def attach_torchao_quantizer(model: nn.Module, quantization_config: Any, state_dict_view: Callable[[nn.Module], Any]) -> None:
+    """Attach the torchao HF quantizer that `save_pretrained` needs for torchao tensors.
+
+    `state_dict_view(model)` stands in for the model where the quantizer's saver calls
+    `model.state_dict()` (the plugin drops tied duplicates and activation steps there).
+
+    Raises:
+        TransformersInternalsError: the quantizer has no `get_state_dict_and_metadata`.
+    """
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+    flatten = _require(
+        quantizer, "get_state_dict_and_metadata", "the torchao HfQuantizer's get_state_dict_and_metadata"
+    )
+    quantizer.get_state_dict_and_metadata = lambda m: flatten(state_dict_view(m))
+    model.config.quantization_config = quantization_config
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+
+
+_SAVE_MARK = "_mec_quant_save_wrapped"
+
+
+def wrap_save_pretrained(model: nn.Module, after_save: Callable[[nn.Module, str | os.PathLike], None]) -> None:
+    """Make `model.save_pretrained` (which `Trainer.save_model` and `push_to_hub` call) also run
+    `after_save(model, folder)` on the main process; wrapping twice is a no-op."""
+    if getattr(model.save_pretrained, _SAVE_MARK, False):
+        return
+    original = type(model).save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+        result = original(model, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            after_save(model, save_directory)
+        return result
+
+    setattr(save_pretrained, _SAVE_MARK, True)
+    model.save_pretrained = save_pretrained

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..options import TAP_SIDES, TAPS, check_choice
 
+
 def _available(model: nn.Module, limit: int = 12) -> str:
     names = [n for n, _ in model.named_modules() if n]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MECQuantConfig
+from ..distributed import is_distributed
 from .capture import FeatureCapture, resolve_taps
 from .coding_length import coding_length_loss
 from .conditioning import center_features, warmup_lambda_scale
-from ..distributed import is_distributed
 from .distributed import gather_rows
 from .mixture import mixture_coding_length_loss
 from .stats import MECStats, TapStats, TermStats

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from tiny_models import TINY_MODELS
-from trainer_helpers import dataset_like, make_trainer
+from trainer_helpers import check_trained_with_the_term, dataset_like, make_trainer
 from transformers import Trainer, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig, prepare_model
@@ -29,15 +29,7 @@ def test_callback_only_flow(name, tmp_path):
     assert not torch.allclose(task, with_term)
     assert cb.regularizer.last_stats["loss"] != 0
     trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert logs and all(k in logs[0] for k in ("mec/loss", "mec/coding_length", "mec/spectral_bound"))
-    groups = trainer.optimizer.param_groups
-    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    steps = [p for n, p in model.named_parameters() if "fake_quantizer" in n]
-    assert steps and all(id(p) in no_decay and id(p) not in decayed for p in steps)
-    # converted at the end of training: weights are torchao int tensors, no weight quantizers
-    assert not any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None for m in model.modules())
+    check_trained_with_the_term(trainer)
 
 
 def test_every_regularizer_statistic_reaches_the_logs(tmp_path):

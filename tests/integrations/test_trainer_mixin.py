@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 from tiny_models import TINY_MODELS
-from trainer_helpers import dataset_like, make_trainer
-from transformers import Trainer, TrainingArguments
+from trainer_helpers import check_trained_with_the_term, dataset_like, make_trainer, training_arguments
+from transformers import Trainer
 
 from mec_quant_plugin import MECQuantConfig, MECQuantTrainerMixin
 from mec_quant_plugin.modules import FakeQuantizedModule
@@ -19,16 +19,6 @@ class MECTrainer(MECQuantTrainerMixin, Trainer):
     pass
 
 
-def _args(out_dir: str, **overrides) -> TrainingArguments:
-    args = dict(
-        output_dir=out_dir, per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2,
-        logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-        learning_rate=1e-3, seed=0, data_seed=0,
-    )
-    args.update(overrides)
-    return TrainingArguments(**args)
-
-
 def make_mixin_trainer(name: str, out_dir: str, config: MECQuantConfig | None = None, *, rows: int = 16,
                        convert: bool = True, **overrides) -> tuple[MECTrainer, object]:
     """The mixin twin of trainer_helpers.make_trainer (same model, data and arguments)."""
@@ -36,8 +26,8 @@ def make_mixin_trainer(name: str, out_dir: str, config: MECQuantConfig | None = 
     ds = dataset_like(batch, rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = MECTrainer(model=model, args=_args(out_dir, **overrides), train_dataset=ds, eval_dataset=ds,
-                             mec_config=config or MECQuantConfig(weight_bits=2, act_bits=4),
+        trainer = MECTrainer(model=model, args=training_arguments(out_dir, **overrides), train_dataset=ds,
+                             eval_dataset=ds, mec_config=config or MECQuantConfig(weight_bits=2, act_bits=4),
                              mec_convert_on_train_end=convert)
     return trainer, ds
 
@@ -55,14 +45,7 @@ def test_mixin_flow(name, tmp_path):
     assert not torch.allclose(task, with_term)
     assert trainer.mec_regularizer.last_stats["loss"] != 0
     trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert logs and all(k in logs[0] for k in ("mec/loss", "mec/coding_length", "mec/spectral_bound", "mec/rows"))
-    groups = trainer.optimizer.param_groups
-    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    steps = [p for n, p in model.named_parameters() if "fake_quantizer" in n]
-    assert steps and all(id(p) in no_decay for p in steps)
-    # converted when train() returns
-    assert not any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None for m in model.modules())
+    check_trained_with_the_term(trainer)
 
 
 @pytest.mark.parametrize("name", ["llama", "resnet"])  # passes num_items_in_batch / drops it
@@ -105,7 +88,7 @@ def test_mixin_with_model_init_is_a_clear_error(tmp_path):
     _, batch = TINY_MODELS["vit"]()
     with warnings.catch_warnings(), pytest.raises(ValueError, match="MECQuantTrainerMixin.*model_init"):
         warnings.simplefilter("ignore")
-        MECTrainer(model_init=lambda: TINY_MODELS["vit"]()[0], args=_args(str(tmp_path)),
+        MECTrainer(model_init=lambda: TINY_MODELS["vit"]()[0], args=training_arguments(str(tmp_path)),
                    train_dataset=dataset_like(batch))
 
 

@@ -139,3 +139,17 @@ def test_from_pretrained_of_a_folder_not_saved_by_the_plugin(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not saved by mec_quant_plugin"):
         mec_quant_plugin.from_pretrained(str(tmp_path))
+
+
+def test_model_class_from_config(tmp_path):
+    from mec_quant_plugin.integrations import model_class_from_config
+
+    model, _ = TINY_MODELS["resnet"]()
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp_path)
+    assert model_class_from_config(tmp_path) is type(model)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchModel"]}))
+    with pytest.raises(ValueError, match="NoSuchModel"):
+        model_class_from_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
+        model_class_from_config(tmp_path / "missing")

@@ -24,6 +24,7 @@ TAPS = ("head", "blocks", "head+blocks")
 TAP_SIDES = ("input", "output")
 LAMBDA_MODES = ("fixed", "adaptive")
 ROUTINGS = ("magnitude", "gate", "features")
+LAYER_TARGETS = ("activations", "weights")  # what the per-layer coding length codes (objective/layerwise.py)
 
 
 def check_bits(name: str, value: Any, allow_none: bool = False) -> None:

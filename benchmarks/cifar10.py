@@ -1,0 +1,463 @@
+"""CIFAR-10 ResNet-20 benchmark: FP start, then FP / PTQ / plain LSQ / KD / MEC-Quant variants.
+
+Protocol (benchmarks/README.md, "CIFAR-10 ResNet-20"): one FP ResNet-20 trained once with the
+standard recipe (SGD momentum 0.9 Nesterov, lr 0.1 cosine, weight decay 5e-4, batch 128, random
+crop with 4-pixel padding + horizontal flip) and cached; every method then trains the same number
+of steps from that start with the same data order (fixed by the seed), stem conv and classifier
+at W8A8, and is scored as the CONVERTED int model on the 10,000 test images. The FP model
+fine-tuned for the same steps is the fair reference. Runs are resumable at two levels: a finished
+run is appended to the results JSON at once (and skipped when the command is repeated), and a
+run in progress checkpoints every `--checkpoint-every` steps (safetensors + JSON, written
+atomically) and continues from there.
+
+    python benchmarks/cifar10.py fp-start --epochs 20
+    python benchmarks/cifar10.py run --bits W2A2 --seeds 0 --methods fp ptq plain kd mec
+    python benchmarks/cifar10.py run --bits W2A2 --seeds 0 --methods "mec:mec_taps=layers"
+    python benchmarks/cifar10.py diagnose --bits W2A2
+
+A method is `fp`, `ptq`, `plain` (mec_weight=0), `kd` (logit distillation from the FP start, no
+term) or `mec[:field=value,...]` with MECQuantConfig fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine  # noqa: E402
+from harness.cifar10 import ResNet20, accuracy, epoch_batches, load_cifar10, normalize  # noqa: E402
+
+from mec_quant_plugin import MECQuantConfig, MECRegularizer, calibrate_activations, convert_model, prepare_model  # noqa: E402
+from mec_quant_plugin.objective.class_coding import rate_reduction_loss  # noqa: E402
+from mec_quant_plugin.objective.distill import distillation_loss  # noqa: E402
+from mec_quant_plugin.objective.layerwise import LayerwiseCodingLength  # noqa: E402
+
+WORK = Path(os.environ.get("MEC_QUANT_BENCH_DIR", "outputs/bench-cifar10"))  # FP start, run checkpoints
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    tmp_json = path.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_json, path.with_suffix(".json"))
+
+
+def _optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"momentum::{names[id(p)]}"] = buf
+    return out
+
+
+def _load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for key, buf in tensors.items():
+        if key.startswith("momentum::"):
+            opt.state[params[key.split("::", 1)[1]]]["momentum_buffer"] = buf.clone()
+
+
+def fp_start(args: argparse.Namespace) -> None:
+    """Train (or resume) the FP ResNet-20 and cache it as WORK/fp-start.safetensors (+ .json)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    final = WORK / "fp-start.safetensors"
+    if final.exists():
+        print(f"FP start already cached: {final} ({json.loads(final.with_suffix('.json').read_text())})")
+        return
+    data = load_cifar10()
+    xtr, ytr = data["train"]
+    torch.manual_seed(args.seed)
+    model = ResNet20().to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=args.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = len(xtr) // args.batch_size
+    total = max(steps_per_epoch * args.epochs, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    ckpt = WORK / "fp-start-progress.safetensors"
+    epoch0 = 0
+    if ckpt.exists():
+        tensors = load_file(str(ckpt))
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("momentum::")})
+        _load_optimizer_tensors(model, opt, tensors)
+        epoch0 = json.loads(ckpt.with_suffix(".json").read_text())["epochs_done"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(epoch0 * steps_per_epoch):
+                sched.step()
+        print(f"resuming the FP start after epoch {epoch0}", flush=True)
+    start = time.perf_counter()
+    for epoch in range(epoch0, args.epochs):
+        model.train()
+        t0, running = time.perf_counter(), 0.0
+        for xb, yb in epoch_batches(xtr, ytr, batch_size=args.batch_size, seed=args.seed, epoch=epoch):
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach())
+        acc = accuracy(model, *data["test"])
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {running / steps_per_epoch:.3f}, test {100 * acc:.2f}% "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        _atomic_save({**model.state_dict(), **_optimizer_tensors(model, opt)}, {"epochs_done": epoch + 1}, ckpt)
+    acc = accuracy(model, *data["test"])
+    meta = {"test_accuracy": acc, "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+            "batch_size": args.batch_size, "seed": args.seed, "seconds_this_session": round(time.perf_counter() - start),
+            "recipe": "SGD momentum 0.9 Nesterov, cosine, crop(pad 4)+flip, batch 128"}
+    _atomic_save(model.state_dict(), meta, final)
+    print(f"FP start: {100 * acc:.2f}% after {args.epochs} epochs -> {final}")
+
+
+# Options of the candidate terms beside MECQuantConfig's own fields (with their defaults).
+EXTRA_OPTIONS = {"distill_weight": 0.0, "distill_temperature": 1.0, "mec_layer_target": None,
+                 "mec_layer_weight": 0.0, "mec_layer_experts": 1, "mec_layer_standardize": False,
+                 "mec_label_weight": 0.0}
+METHODS = ("fp", "ptq", "plain", "kd", "mec")
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """'mec:mec_weight=1.0,mec_view=teacher' -> ('mec', {...}); values are JSON or bare words."""
+    name, _, rest = text.partition(":")
+    if name not in METHODS:
+        raise SystemExit(f"unknown method {text!r}: use one of {', '.join(METHODS)}[:field=value,...]")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
+def parse_bits(text: str) -> tuple[int, int | None]:
+    w, _, a = text.upper().removeprefix("W").partition("A")
+    return int(w), (None if a in ("", "FLOAT", "16", "32") else int(a))
+
+
+def _load_fp_start() -> torch.nn.Module:
+    final = WORK / "fp-start.safetensors"
+    if not final.exists():
+        raise SystemExit(f"no FP start at {final}: run `python benchmarks/cifar10.py fp-start` first.")
+    model = ResNet20()
+    model.load_state_dict(load_file(str(final)))
+    return model.to(memory_format=torch.channels_last)
+
+
+def _split_options(method: str, overrides: dict, bits: tuple[int, int | None]) -> tuple[MECQuantConfig | None, dict]:
+    """The run's MECQuantConfig (None for fp/ptq) and the candidate-term options."""
+    extras = dict(EXTRA_OPTIONS)
+    fields = {k: v for k, v in overrides.items() if k not in EXTRA_OPTIONS}
+    extras.update({k: v for k, v in overrides.items() if k in EXTRA_OPTIONS})
+    if method == "kd":
+        extras["distill_weight"] = overrides.get("distill_weight", 1.0)
+        extras["distill_temperature"] = overrides.get("distill_temperature", 1.0)
+    if method == "fp":
+        return None, extras
+    cfg = MECQuantConfig(weight_bits=bits[0], act_bits=bits[1])
+    if method in ("plain", "kd"):
+        cfg = cfg.replace(mec_weight=0.0)
+    return cfg.replace(**fields), extras
+
+
+def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_dir: Path) -> dict:
+    """Train one method from the FP start for `args.qat_epochs` epochs; returns the result entry."""
+    xtr, ytr = data["train"]
+    cfg, extras = _split_options(method, overrides, bits)
+    model = _load_fp_start()
+    teacher = None
+    if extras["distill_weight"] > 0 or (cfg is not None and cfg.mec_weight > 0 and cfg.mec_view == "teacher"):
+        teacher = _load_fp_start().eval().requires_grad_(False)
+    first = next(epoch_batches(xtr, ytr, batch_size=args.batch_size, seed=seed, epoch=0))
+    if cfg is not None:
+        model = prepare_model(model, cfg)
+        with torch.no_grad():
+            calibrate_activations(model, first[0])
+        if method == "ptq":
+            return {"model": convert_model(model.eval()), "steps": 0, "step_seconds": None}
+    reg = MECRegularizer(model, cfg, teacher=teacher) if cfg is not None and cfg.mec_weight > 0 else None
+    layer_term = None
+    if extras["mec_layer_weight"] > 0:
+        layer_term = LayerwiseCodingLength(model, extras["mec_layer_target"] or "activations",
+                                           experts=extras["mec_layer_experts"],
+                                           standardize=bool(extras["mec_layer_standardize"]), seed=seed)
+    head_features: dict[str, torch.Tensor] = {}
+    if extras["mec_label_weight"] > 0:
+        model.fc.register_forward_hook(lambda mod, a, out: head_features.__setitem__("z", a[0]))
+    quant_params = [p for n, p in model.named_parameters() if "fake_quantizer" in n]
+    ids = {id(p) for p in quant_params}
+    decay = [p for p in model.parameters() if p.dim() > 1 and id(p) not in ids]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1 and id(p) not in ids] + quant_params
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = len(xtr) // args.batch_size
+    total = args.steps or steps_per_epoch * args.qat_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    ckpt = run_dir / "progress.safetensors"
+    done = 0
+    if ckpt.exists():
+        tensors = load_file(str(ckpt))
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("momentum::")})
+        _load_optimizer_tensors(model, opt, tensors)
+        done = json.loads(ckpt.with_suffix(".json").read_text())["steps_done"]
+        with warnings.catch_warnings():  # fast-forwarding the schedule, no optimizer step is owed
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(done):
+                sched.step()
+        print(f"  resuming after step {done}", flush=True)
+    model.train()
+    step, times, log = 0, [], []
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        for xb, yb in epoch_batches(xtr, ytr, batch_size=args.batch_size, seed=seed, epoch=epoch):
+            if step >= total:
+                break
+            if step < done:
+                step += 1
+                continue
+            t0 = time.perf_counter()
+            if reg is not None:
+                reg.set_progress(step, total)
+            if layer_term is not None:
+                layer_term.set_step(step)
+            logits = model(xb)
+            task = torch.nn.functional.cross_entropy(logits, yb)
+            loss = task
+            parts = {}
+            if extras["distill_weight"] > 0:
+                with torch.no_grad():
+                    t_logits = teacher(xb)
+                kd = distillation_loss(logits, t_logits, extras["distill_temperature"])
+                loss = loss + extras["distill_weight"] * kd
+                parts["kd"] = float(kd.detach())
+            if reg is not None:
+                term = reg()
+                loss = loss + term
+                parts["mec"] = float(term.detach())
+            if layer_term is not None:
+                lt = layer_term()
+                loss = loss + extras["mec_layer_weight"] * lt
+                parts["layer"] = float(lt.detach())
+            if extras["mec_label_weight"] > 0:
+                rr = rate_reduction_loss(head_features.pop("z"), yb)
+                loss = loss + extras["mec_label_weight"] * rr
+                parts["label"] = float(rr.detach())
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss at step {step}: {parts}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            times.append(time.perf_counter() - t0)
+            step += 1
+            if step % 50 == 0:
+                log.append({"step": step, "task": round(float(task), 4), **{k: round(v, 4) for k, v in parts.items()}})
+                print(f"  step {step}/{total} task {float(task):.3f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()),
+                      flush=True)
+            if step % args.checkpoint_every == 0 and step < total:
+                _atomic_save({**model.state_dict(), **_optimizer_tensors(model, opt)}, {"steps_done": step}, ckpt)
+    # The trained (fake-quantized) state, for `diagnose`; written before conversion.
+    _atomic_save(model.state_dict(), {"method": method, "overrides": overrides, "steps_done": total},
+                 run_dir / "final.safetensors")
+    if cfg is not None:
+        model = convert_model(model.eval())
+    return {"model": model, "steps": total, "step_seconds": round(statistics.median(times), 4) if times else None,
+            "log": log}
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train and score every (seed, bits, method); append each finished run to the results JSON."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    data = load_cifar10()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    fp_meta = json.loads((WORK / "fp-start.json").read_text()) if (WORK / "fp-start.json").exists() else None
+    results.update(protocol={"qat_epochs": args.qat_epochs, "steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay,
+                             "batch_size": args.batch_size, "model": "ResNet-20 (He et al. 2016, option-A shortcuts)",
+                             "optimizer": "SGD momentum 0.9 Nesterov, cosine to 0, no decay on BN/step sizes",
+                             "edge_layers": "stem conv and classifier W8A8", "fp_start": fp_meta})
+    # A fixed random subset of the training images (the parquet is sorted by class) for train accuracy.
+    subset = torch.randperm(len(data["train"][1]), generator=torch.Generator().manual_seed(0))[:args.train_eval_images]
+    train_eval = (data["train"][0][subset], data["train"][1][subset])
+    test = (data["test"][0][:args.test_images], data["test"][1][:args.test_images])
+    for seed in args.seeds:
+        for bits_text in args.bits:
+            for spec in args.methods:
+                method, overrides = parse_method(spec)
+                label_bits = "FP" if method == "fp" else bits_text
+                if any((r["bits"], r["method"], r["seed"]) == (label_bits, spec, seed) for r in results["runs"]):
+                    print(f"{label_bits:>5} {spec:<50} seed {seed}: already in {out.name}, skipped", flush=True)
+                    continue
+                run_dir = _run_dir(label_bits, spec, seed)
+                print(f"{label_bits:>5} {spec} seed {seed} ...", flush=True)
+                start = time.perf_counter()
+                res = train_method(method, overrides, parse_bits(bits_text), seed, data, args, run_dir)
+                model = res.pop("model")
+                entry = {"bits": label_bits, "method": spec, "seed": seed,
+                         "accuracy": accuracy(model, *test), "test_images": len(test[1]), "train_accuracy": accuracy(model, *train_eval),
+                         **res, "seconds": round(time.perf_counter() - start, 1),
+                         "command": " ".join(["python benchmarks/cifar10.py", *(sys.argv[1:] if argv_is_cli() else [])]),
+                         "commit": commit(), "machine": machine()}
+                results["runs"].append(entry)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(results, indent=2))
+                os.replace(tmp, out)
+                print(f"{label_bits:>5} {spec:<50} seed {seed}: test {100 * entry['accuracy']:.2f}% "
+                      f"train {100 * entry['train_accuracy']:.2f}% ({entry['seconds']:.0f} s)", flush=True)
+
+
+def _run_dir(label_bits: str, spec: str, seed: int) -> Path:
+    return WORK / "runs" / f"{label_bits}-{spec.replace(':', '_').replace(',', '_')}-s{seed}"
+
+
+@torch.no_grad()
+def _float_ranks(model: torch.nn.Module, images: torch.Tensor, names: list[str], max_rows: int = 4096) -> dict[str, float]:
+    """Effective rank of the float inputs of the named layers of a float model."""
+    from harness.diagnostics import effective_rank
+
+    seen, handles = {}, []
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, name=name: seen.__setitem__(name, args[0])))
+    model.eval()(images)
+    for h in handles:
+        h.remove()
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, x in seen.items():
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        out[name] = round(effective_rank(rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]), 3)
+    return out
+
+
+def diagnose(args: argparse.Namespace) -> None:
+    """Per-layer collapse statistics: FP (fine-tuned reference), PTQ and the given trained methods."""
+    from harness.diagnostics import layer_statistics
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    data = load_cifar10()
+    images = normalize(data["test"][0][: args.images])
+    bits = parse_bits(args.bits)
+    cfg = MECQuantConfig(weight_bits=bits[0], act_bits=bits[1])
+    fp_state = _run_dir("FP", "fp", args.seed) / "final.safetensors"
+    fp = _load_fp_start()
+    if fp_state.exists():
+        fp.load_state_dict(load_file(str(fp_state)))
+    ptq = prepare_model(_load_fp_start(), cfg)
+    first = next(epoch_batches(*data["train"], batch_size=128, seed=args.seed, epoch=0))
+    calibrate_activations(ptq, first[0])
+    report = {"bits": args.bits, "images": args.images, "fp_state": str(fp_state if fp_state.exists() else "fp start"),
+              "models": {}}
+    report["models"]["ptq"] = layer_statistics(ptq, images)
+    names = [row["layer"] for row in report["models"]["ptq"]]
+    report["fp_eff_rank"] = _float_ranks(fp, images, names)
+    for spec in args.methods:
+        state = _run_dir(args.bits, spec, args.seed) / "final.safetensors"
+        if not state.exists():
+            print(f"no trained state for {spec} (seed {args.seed}) at {state}: run it first; skipped")
+            continue
+        method, overrides = parse_method(spec)
+        run_cfg, _ = _split_options(method, overrides, bits)
+        model = prepare_model(ResNet20().to(memory_format=torch.channels_last), run_cfg)
+        model.load_state_dict(load_file(str(state)))
+        report["models"][spec] = layer_statistics(model, images)
+    out = Path(args.out)
+    out.write_text(json.dumps(report, indent=2))
+    print("| layer | ch | FP eff. rank | " + " | ".join(f"{k} eff. rank (q) / code H / dead / unused" for k in report["models"]) + " |")
+    for i, name in enumerate(names):
+        cells = [f"{m[i]['eff_rank_quant']:.1f} / {m[i]['code_entropy']:.2f} / {m[i]['dead_channels']:.2f} / "
+                 f"{m[i]['unused_levels']:.2f}" for m in report["models"].values()]
+        print(f"| {name} | {report['models']['ptq'][i]['channels']} | {report['fp_eff_rank'][name]:.1f} | " + " | ".join(cells) + " |")
+    if args.plot:
+        _plot_diagnostic(report, Path(args.plot))
+
+
+def _plot_diagnostic(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["fp_eff_rank"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x = range(len(names))
+    axes[0].plot(x, [report["fp_eff_rank"][n] for n in names], "k-o", label="FP (float input)")
+    for label, rows in report["models"].items():
+        axes[0].plot(x, [r["eff_rank_quant"] for r in rows], "-o", label=f"{label} (quantized input)")
+        axes[1].plot(x, [r["code_entropy"] for r in rows], "-o", label=label)
+        axes[2].plot(x, [r["weight_code_entropy"] for r in rows], "-o", label=label)
+    for ax, title in zip(axes, ("effective rank of layer inputs", f"activation code entropy (bits, max {report['bits'][-1]})",
+                                "weight code entropy (bits)")):
+        ax.set_title(title)
+        ax.set_xlabel("quantized layer (depth order)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name == "cifar10.py"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fp-start", help="train the FP ResNet-20 once (cached, resumable)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=fp_start)
+    p = sub.add_parser("run", help="train and score methods from the FP start (resumable)")
+    p.add_argument("--bits", nargs="+", default=["W2A2"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--methods", nargs="+", default=["fp", "ptq", "plain", "kd", "mec"])
+    p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="override the steps of every run (smoke tests)")
+    p.add_argument("--test-images", type=int, default=10000, help="fewer only for smoke tests")
+    p.add_argument("--train-eval-images", type=int, default=2000, help="training images scored for train accuracy")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cifar10_resnet20.json"))
+    p.set_defaults(func=run)
+    p = sub.add_parser("diagnose", help="per-layer collapse statistics of FP, PTQ and trained runs")
+    p.add_argument("--bits", default="W2A2")
+    p.add_argument("--methods", nargs="+", default=["plain"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cifar10_diagnostic.json"))
+    p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "cifar10_diagnostic.png"))
+    p.set_defaults(func=diagnose)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

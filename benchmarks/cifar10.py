@@ -283,6 +283,23 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
             "log": log}
 
 
+def _append_run(out: Path, header: dict, entry: dict) -> dict:
+    """Append `entry` to the results file under an exclusive lock, re-reading it first, so that
+    several benchmark processes can share one results file; written atomically."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(out.read_text()) if out.exists() else {"runs": []}
+        results.update({k: v for k, v in header.items() if k != "runs"})
+        results["runs"].append(entry)
+        tmp = out.with_suffix(f".json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out)
+    return results
+
+
 def run(args: argparse.Namespace) -> None:
     """Train and score every (seed, bits, method); append each finished run to the results JSON."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -316,11 +333,7 @@ def run(args: argparse.Namespace) -> None:
                          **res, "seconds": round(time.perf_counter() - start, 1),
                          "command": " ".join(["python benchmarks/cifar10.py", *(sys.argv[1:] if argv_is_cli() else [])]),
                          "commit": commit(), "machine": machine()}
-                results["runs"].append(entry)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(results, indent=2))
-                os.replace(tmp, out)
+                results = _append_run(out, results, entry)
                 print(f"{label_bits:>5} {spec:<50} seed {seed}: test {100 * entry['accuracy']:.2f}% "
                       f"train {100 * entry['train_accuracy']:.2f}% ({entry['seconds']:.0f} s)", flush=True)
 

@@ -21,6 +21,7 @@ from .options import (
     ACT_SIGNEDNESS,
     EDGE_LAYER_POLICIES,
     LAMBDA_MODES,
+    LAYER_TARGETS,
     ROUTINGS,
     STEPS,
     TAPS,
@@ -157,11 +158,56 @@ class MECQuantConfig(AOBaseConfig):
     )
     mec_max_rows: int = field(
         default=1024,
-        metadata={"help": "Cap on samples (token rows for sequences) per step; excess rows are sub-sampled."},
+        metadata={
+            "help": "Cap on samples (token rows for sequences) per step, per tap and per layer of the per-layer "
+            "term; excess rows are sub-sampled."
+        },
     )
     mec_gather: bool = field(
         default=False,
         metadata={"help": "Gather features from all ranks (gradient-preserving) so m is the global batch."},
+    )
+
+    # ---- candidate terms of MEC-Quant v2 (being ablated, issue 9; all off by default) ------
+    mec_layer_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the per-layer coding length of every low-bit layer (exact log det, "
+            "eps^2/d = 1/32, at most mec_max_rows rows per layer); 0 = off."
+        },
+    )
+    mec_layer_target: str = field(
+        default="activations",
+        metadata={
+            "help": f"What the per-layer term codes: one of {list(LAYER_TARGETS)} ('activations': the quantized "
+            "inputs, positions as rows; 'weights': the fake-quantized filters as rows)."
+        },
+    )
+    mec_layer_experts: int = field(
+        default=1,
+        metadata={"help": "Experts of the per-layer term, rows routed by magnitude quantiles (1 = plain term)."},
+    )
+    mec_layer_standardize: bool = field(
+        default=False,
+        metadata={"help": "Per-layer term: divide each channel by its batch std after centering."},
+    )
+    mec_label_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the label-aware rate reduction (MCR^2) on the head features with the batch "
+            "labels (classification); 0 = off."
+        },
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of logit distillation from the frozen full-precision teacher (T^2 KL); 0 = off. "
+            "The Trainer callback / mixin make the teacher before quantizing."
+        },
+    )
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature T of the logit distillation, > 0."},
     )
 
     def __post_init__(self) -> None:
@@ -205,6 +251,19 @@ class MECQuantConfig(AOBaseConfig):
             raise ValueError(f"mec_warmup_fraction must be in [0, 1], got {self.mec_warmup_fraction}.")
         if isinstance(self.mec_max_rows, bool) or not isinstance(self.mec_max_rows, int) or self.mec_max_rows < 2:
             raise ValueError(f"mec_max_rows must be an int >= 2, got {self.mec_max_rows!r}.")
+        _check_positive("mec_layer_weight", self.mec_layer_weight, allow_zero=True)
+        check_choice("mec_layer_target", self.mec_layer_target, LAYER_TARGETS)
+        if (
+            isinstance(self.mec_layer_experts, bool)
+            or not isinstance(self.mec_layer_experts, int)
+            or self.mec_layer_experts < 1
+        ):
+            raise ValueError(f"mec_layer_experts must be an int >= 1, got {self.mec_layer_experts!r}.")
+        if not isinstance(self.mec_layer_standardize, bool):
+            raise TypeError(f"mec_layer_standardize must be True or False, got {self.mec_layer_standardize!r}.")
+        _check_positive("mec_label_weight", self.mec_label_weight, allow_zero=True)
+        _check_positive("distill_weight", self.distill_weight, allow_zero=True)
+        _check_positive("distill_temperature", self.distill_temperature)
 
     # ---- serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -217,7 +276,8 @@ class MECQuantConfig(AOBaseConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MECQuantConfig:
-        """Build a config from `to_dict` output; unknown keys are an error naming them."""
+        """Build a config from `to_dict` output; unknown keys are an error naming them, missing keys
+        take their defaults (a config saved before a field existed still loads)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -112,7 +112,9 @@ def test_help_lists_commands_and_both_spellings(capsys):
         run_cli(["train", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--weight-bits", "--weight_bits", "--act-bits", "--push-to-hub", "--block-size", "--max-steps"):
+    for option in ("--weight-bits", "--weight_bits", "--act-bits", "--push-to-hub", "--block-size", "--max-steps",
+                   "--distill-weight", "--distill-temperature", "--mec-layer-weight", "--mec-layer-target",
+                   "--mec-layer-experts", "--mec-layer-standardize", "--mec-label-weight"):
         assert option in out
     assert "--step " not in out  # torchao's prepare/convert switch is not a CLI option
 
@@ -129,6 +131,9 @@ def test_console_script_help_runs():
     [
         (["train", "--model", "m", "--dataset", "fashion_mnist", "--task", "translation"], ["invalid choice", "translation"]),
         (["train", "--weight-bits", "9"], ["weight_bits must be in 1..8, got 9"]),
+        (["train", "--mec-layer-target", "gradients"],
+         ["mec_layer_target must be one of ['activations', 'weights'], got 'gradients'"]),
+        (["train", "--distill-temperature", "0"], ["distill_temperature must be > 0, got 0.0"]),
         (["train", "--weight_bits", "two"], ["--weight_bits", "two"]),
         (["train", "--model", "m", "--dataset", "./missing.json", "--task", "causal-lm"], ["missing.json", "not found"]),
         (["train", "--model", "./no-such-model", "--dataset", "fashion_mnist"], ["no-such-model", "not found"]),
@@ -245,6 +250,21 @@ def test_train_and_eval_text_classification_with_string_labels(tmp_path, tiny_be
     assert sorted(cfg["id2label"].values()) == ["mixed", "neg", "pos"]
     assert run_cli(["eval", "--model", out, "--dataset", data, "--task", "text-classification"]) == 0
     assert last_json(capsys.readouterr().out)["eval_accuracy"] == pytest.approx(printed["eval_accuracy"])
+
+
+def test_train_with_distillation_and_the_v2_terms(tmp_path, tiny_bert_dir, capsys):
+    data = write_texts(tmp_path / "labeled.jsonl", 30, labels=True)
+    out = tmp_path / "kd"
+    assert run_cli(["train", "--model", tiny_bert_dir, "--dataset", data, "--task", "text-classification",
+                    "--weight-bits", "2", "--act-bits", "4", "--max-steps", "2", "--max-length", "32",
+                    "--distill-weight", "1", "--distill-temperature", "2", "--mec-layer-weight", "0.1",
+                    "--mec-label-weight", "0.1", "--logging-steps", "1", "--output-dir", out]) == 0
+    printed = capsys.readouterr().out
+    assert 0.0 <= last_json(printed)["eval_accuracy"] <= 1.0
+    for key in ("mec/distill/loss", "mec/layer/loss", "mec/label/loss", "mec/total"):
+        assert f"'{key}'" in printed, key  # the Trainer's training logs
+    saved = json.loads((out / "mec_quant_train_config.json").read_text())
+    assert (saved["distill_weight"], saved["distill_temperature"], saved["mec_layer_weight"]) == (1.0, 2.0, 0.1)
 
 
 @pytest.mark.data

@@ -17,6 +17,17 @@ def test_json_round_trip_non_default_values():
     assert MECQuantConfig.from_json(text) == cfg
 
 
+def test_json_round_trip_of_the_v2_terms_and_configs_saved_before_them():
+    cfg = MECQuantConfig(mec_layer_weight=0.1, mec_layer_target="weights", mec_layer_experts=2,
+                         mec_layer_standardize=True, mec_label_weight=0.05, distill_weight=1.0, distill_temperature=4.0)
+    assert MECQuantConfig.from_json(cfg.to_json()) == cfg
+    new = ("mec_layer_weight", "mec_layer_target", "mec_layer_experts", "mec_layer_standardize", "mec_label_weight",
+           "distill_weight", "distill_temperature")
+    old = {k: v for k, v in MECQuantConfig(weight_bits=4).to_dict().items() if k not in new}
+    assert MECQuantConfig.from_dict(old) == MECQuantConfig(weight_bits=4)  # the new terms default to off
+    assert (MECQuantConfig().mec_layer_weight, MECQuantConfig().mec_label_weight, MECQuantConfig().distill_weight) == (0, 0, 0)
+
+
 def test_unknown_json_field_is_named():
     with pytest.raises(ValueError, match="Unknown MECQuantConfig fields \\['bogus'\\]"):
         MECQuantConfig.from_dict({"bogus": 1})
@@ -40,6 +51,14 @@ def test_unknown_json_field_is_named():
     (dict(mec_experts=0), ValueError, "mec_experts"),
     (dict(mec_view="other"), ValueError, "mec_view must be one of \\['self', 'teacher'\\]"),
     (dict(mec_tap_modules="classifier"), TypeError, "list of module names"),
+    (dict(mec_layer_weight=-0.1), ValueError, "mec_layer_weight must be >= 0, got -0.1"),
+    (dict(mec_layer_target="gradients"), ValueError,
+     "mec_layer_target must be one of \\['activations', 'weights'\\], got 'gradients'"),
+    (dict(mec_layer_experts=0), ValueError, "mec_layer_experts must be an int >= 1, got 0"),
+    (dict(mec_layer_standardize="yes"), TypeError, "mec_layer_standardize must be True or False, got 'yes'"),
+    (dict(mec_label_weight=float("nan")), TypeError, "mec_label_weight must be a finite number, got nan"),
+    (dict(distill_weight=-1), ValueError, "distill_weight must be >= 0, got -1"),
+    (dict(distill_temperature=0.0), ValueError, "distill_temperature must be > 0, got 0.0"),
 ])
 def test_bad_values_name_the_value_and_the_allowed_ones(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

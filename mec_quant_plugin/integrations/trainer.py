@@ -3,9 +3,10 @@
     trainer = Trainer(model, args, train_dataset=..., callbacks=[MECQuantCallback(config)])
 
 At the end of `Trainer.__init__` (before the optimizer, DDP wrapping and torch.compile exist) the
-callback makes the full-precision teacher if the view needs one, prepares the model (layer policy
-included), and adds the coding-length term to the model's TRAINING loss through a forward hook on
-the top-level model. Eval and predict losses stay the task loss (the hook only acts in training
+callback makes the full-precision teacher if a term needs one (`mec_view="teacher"`,
+`distill_weight > 0`), prepares the model (layer policy included), and adds the MEC-Quant terms
+to the model's TRAINING loss through a forward hook on the top-level model (which sees the
+model's logits and the batch's labels). Eval and predict losses stay the task loss (the hook only acts in training
 mode with grad enabled). A callback is never handed the Trainer, so it reaches into it (see
 `transformers_internals.py`); `MECQuantTrainerMixin` (trainer_mixin.py) does the same through
 public Trainer methods for users who subclass the Trainer. Both share `MECTrainingTerm` below.
@@ -77,7 +78,7 @@ class MECTrainingTerm:
 
         Raises:
             ValueError: the Trainer got `optimizers=` or `model_init` and the model is not
-                prepared; the teacher view with an already prepared model.
+                prepared; the teacher view or distillation with an already prepared model.
         """
         prepared = any(is_fake_quantized(m) for m in model.modules())
         if not prepared:
@@ -85,11 +86,13 @@ class MECTrainingTerm:
             if why is not None:
                 raise ValueError(_PREPARE_FIRST.format(owner=self.owner, why=why))
         teacher = None
-        if self.config.mec_view == "teacher":
+        needs = [what for on, what in ((self.config.mec_view == "teacher", "mec_view='teacher'"),
+                                       (self.config.distill_weight > 0, "distill_weight > 0")) if on]
+        if needs:
             if prepared:
                 raise ValueError(
-                    "mec_view='teacher' needs the full-precision model: pass the unprepared model to the "
-                    f"Trainer ({self.owner} makes the teacher, then prepares), or build the term yourself "
+                    f"{' and '.join(needs)} needs the full-precision model as teacher: pass the unprepared model "
+                    f"to the Trainer ({self.owner} makes the teacher, then prepares), or build the term yourself "
                     "with MECRegularizer(model, config, teacher=make_teacher(float_model))."
                 )
             teacher = make_teacher(model)
@@ -113,12 +116,15 @@ class MECTrainingTerm:
             self._warned.add(key)
             warnings.warn(message, stacklevel=4)
 
-    def add_to(self, loss: torch.Tensor, divisor: float) -> torch.Tensor:
+    def add_to(
+        self, loss: torch.Tensor, divisor: float, *, logits: Any = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`loss + term / divisor` for the last training forward, or `loss` unchanged (with a
-        one-time warning) when the term is not finite; records the term's statistics."""
-        term = self.regularizer()
+        one-time warning) when the term is not finite; records the term's statistics. `logits`
+        (the model output) and `labels` feed distillation and the label-aware term."""
+        term = self.regularizer(logits=logits, labels=labels)
         if not torch.isfinite(term).all():
-            self.warn_once("nonfinite", f"{self.owner}: non-finite coding-length term; skipped for this step.")
+            self.warn_once("nonfinite", f"{self.owner}: non-finite MEC-Quant term; skipped for this step.")
             return loss
         stats = self.regularizer.last_stats
         for key, value in stats.items():  # every statistic, each averaged over the steps that had it
@@ -176,8 +182,9 @@ class MECQuantCallback(TrainerCallback):
 
     Logged through the Trainer (progress bar, TensorBoard, any `report_to`): every statistic of
     the regularizer (`MECStats.to_dict()`: `mec/loss`, `mec/coding_length`, `mec/spectral_bound`,
-    `mec/lambda`, per-tap and per-expert values, the gate balance, the teacher's cost), averaged
-    over the logging interval.
+    `mec/lambda`, per-tap and per-expert values, the gate balance, the teacher's cost,
+    `mec/layer/*`, `mec/label/loss`, `mec/distill/loss`, `mec/total`), averaged over the logging
+    interval.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[MECQuantCallback(MECQuantConfig())])
@@ -238,7 +245,7 @@ class MECQuantCallback(TrainerCallback):
             return None
         passed = kwargs.get("num_items_in_batch") is not None
         divisor = 1.0 if self.trainer is None else internals.hook_loss_divisor(self.trainer, passed)
-        output["loss"] = self.term.add_to(loss, divisor)
+        output["loss"] = self.term.add_to(loss, divisor, logits=output, labels=kwargs.get("labels"))
         return output
 
     # ---- schedule, logging, end ------------------------------------------------------------

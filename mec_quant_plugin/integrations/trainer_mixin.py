@@ -33,9 +33,10 @@ class MECQuantTrainerMixin:
             `save_model()` / `push_to_hub()` write the quantized model.
         mec_run_info: extra facts for the model card (e.g. {"base_model": ..., "dataset": ...}).
 
-    At the end of `__init__` (before the optimizer exists) the model is prepared, like the
-    callback does; the loss of TRAINING steps gets `beta * term`, evaluation losses stay the task
-    loss; `trainer.mec_regularizer` is the `MECRegularizer`.
+    At the end of `__init__` (before the optimizer exists) the teacher is made if a term needs
+    one and the model is prepared, like the callback does; the loss of TRAINING steps gets the
+    MEC-Quant terms, evaluation losses stay the task loss; `trainer.mec_regularizer` is the
+    `MECRegularizer`.
 
     Example:
         >>> class MECTrainer(MECQuantTrainerMixin, Trainer):
@@ -46,7 +47,7 @@ class MECQuantTrainerMixin:
     Raises:
         TypeError: the mixin is not listed before a Trainer class.
         ValueError: `optimizers=` or `model_init` with a model that is not prepared yet (call
-            `prepare_model` first); the teacher view with an already prepared model.
+            `prepare_model` first); the teacher view or distillation with an already prepared model.
     """
 
     def __init__(
@@ -83,16 +84,19 @@ class MECQuantTrainerMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """The Trainer's loss, plus `beta * term` in training (scaled like a per-batch mean under
-        gradient accumulation and data parallelism)."""
+        """The Trainer's loss, plus the MEC-Quant terms in training (scaled like a per-batch mean
+        under gradient accumulation and data parallelism); the terms see the model's logits and
+        the batch's labels."""
         training = model.training and torch.is_grad_enabled()
         if training:
             self.mec_term.set_progress(self.state.global_step, self.state.max_steps)
+        labels = inputs.get("labels")  # read first: the Trainer pops them when it smooths labels
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         if training:
-            loss = self.mec_term.add_to(loss, internals.compute_loss_divisor(self, num_items_in_batch))
+            divisor = internals.compute_loss_divisor(self, num_items_in_batch)
+            loss = self.mec_term.add_to(loss, divisor, logits=outputs, labels=labels)
         return (loss, outputs) if return_outputs else loss
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:

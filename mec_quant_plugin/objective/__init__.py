@@ -5,21 +5,29 @@
 - `mixture_coding_length_loss`: the mixture-of-experts reformulation (magnitude / gate / features);
 - `adaptive_lambda`, `center_features`: conditioning that keeps the series convergent;
 - `FeatureCapture`: forward hooks recording the representation (head input, block outputs);
-- `MECRegularizer`, `make_teacher`: the term as one module driven by the training step;
-- `TermStats`, `MECStats`: the typed statistics of a term and of the regularizer's last call;
+- `LayerwiseCodingLength`, `rate_reduction_loss`, `distillation_loss`: the candidate terms of
+  MEC-Quant v2 (per-layer coding length, label-aware rate reduction, logit distillation);
+- `MECRegularizer`, `make_teacher`: every term as one module driven by the training step;
+- `TermStats`, `LayerwiseStats`, `MECStats`: the typed statistics of a term and of the
+  regularizer's last call;
 - `gather_rows`: gradient-preserving all-gather for data parallelism.
 """
 
 from .capture import FeatureCapture, find_blocks, resolve_taps
+from .class_coding import rate_reduction_loss
 from .coding_length import coding_length_loss, exact_coding_length
 from .conditioning import adaptive_lambda, center_features, normalize_rows, warmup_lambda_scale
+from .distill import distillation_loss
 from .distributed import gather_rows
+from .layerwise import LayerwiseCodingLength
 from .mixture import mixture_coding_length_loss
 from .regularizer import MECRegularizer, make_teacher
-from .stats import MECStats, TapStats, TermStats
+from .stats import LayerwiseStats, MECStats, TapStats, TermStats
 
 __all__ = [
     "FeatureCapture",
+    "LayerwiseCodingLength",
+    "LayerwiseStats",
     "MECRegularizer",
     "MECStats",
     "TapStats",
@@ -27,12 +35,14 @@ __all__ = [
     "adaptive_lambda",
     "center_features",
     "coding_length_loss",
+    "distillation_loss",
     "exact_coding_length",
     "find_blocks",
     "gather_rows",
     "make_teacher",
     "mixture_coding_length_loss",
     "normalize_rows",
+    "rate_reduction_loss",
     "resolve_taps",
     "warmup_lambda_scale",
 ]

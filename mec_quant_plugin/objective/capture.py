@@ -224,6 +224,12 @@ class FeatureCapture:
 
         return hook
 
+    @property
+    def row_seed(self) -> int:
+        """The seed of this step's row sub-sampling: `subsample_rows(t, max_rows, row_seed)` keeps
+        the same rows of any tensor with as many rows (e.g. the batch labels)."""
+        return self.seed + 1_000_003 * self.step
+
     def pop(self) -> dict[str, Tensor]:
         """The rows captured in the last forward, by tap name, as (m, d); capture is then empty.
 
@@ -232,8 +238,7 @@ class FeatureCapture:
         """
         raw, self.features = self.features, {}
         mask = self._attention_mask()
-        seed = self.seed + 1_000_003 * self.step
-        return {name: subsample_rows(to_rows(value, mask), self.max_rows, seed) for name, value in raw.items()}
+        return {name: subsample_rows(to_rows(value, mask), self.max_rows, self.row_seed) for name, value in raw.items()}
 
     def clear(self) -> None:
         """Drop captured features and recorded inputs."""

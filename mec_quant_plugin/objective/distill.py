@@ -3,7 +3,6 @@ strong baseline of quantization-aware training, and a partner of the coding-leng
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 

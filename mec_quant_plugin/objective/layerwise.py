@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..options import LAYER_TARGETS
 from .capture import subsample_rows
 from .conditioning import center_features
 from .mixture import mixture_coding_length_loss
-
-from ..options import LAYER_TARGETS
 
 
 def _channels_last_rows(x: Tensor) -> Tensor:

@@ -1,12 +1,26 @@
-"""`MECRegularizer`: capture + view + (mixture) coding length as one weighted loss term.
+"""`MECRegularizer`: every term of the MEC-Quant objective as one weighted loss.
 
-Usage in a training loop (the Trainer callback does the same):
+The terms, each on when its weight in `MECQuantConfig` is > 0:
+- `mec_weight`: the coding length of the captured features (head / blocks, self or teacher view,
+  plain or mixture), the original term;
+- `mec_layer_weight`: the per-layer coding length of every low-bit layer (`layerwise.py`);
+- `mec_label_weight`: the label-aware rate reduction of the head features (`class_coding.py`),
+  needs the batch `labels`;
+- `distill_weight`: logit distillation from the frozen full-precision teacher (`distill.py`),
+  needs the model's `logits` and `teacher=make_teacher(...)`.
 
-    reg = MECRegularizer(model, config)            # hooks the model; gate params in reg.parameters()
-    for step, batch in enumerate(loader):
+Usage in a training loop (the Trainer callback and mixin do the same):
+
+    teacher = make_teacher(model)                  # only for distill_weight > 0 / mec_view="teacher"
+    prepare_model(model, config)
+    reg = MECRegularizer(model, config, teacher=teacher)   # hooks the model; gate params in reg.parameters()
+    for step, (x, y) in enumerate(loader):
         reg.set_progress(step, total_steps)        # lambda warm-up, sub-sampling seed
-        loss = model(**batch).loss + reg()         # reg() = beta * term on the LAST forward
+        logits = model(x)
+        loss = F.cross_entropy(logits, y) + reg(logits=logits, labels=y)  # the terms of the LAST forward
         loss.backward()
+
+`reg()` without arguments is enough when only `mec_weight` / `mec_layer_weight` are on.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import copy
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,12 +37,15 @@ from torch import Tensor, nn
 
 from ..config import MECQuantConfig
 from ..distributed import is_distributed
-from .capture import FeatureCapture, resolve_taps
+from .capture import FeatureCapture, resolve_taps, subsample_rows
+from .class_coding import rate_reduction_loss
 from .coding_length import coding_length_loss
 from .conditioning import center_features, warmup_lambda_scale
+from .distill import distillation_loss
 from .distributed import gather_rows
+from .layerwise import LayerwiseCodingLength
 from .mixture import mixture_coding_length_loss
-from .stats import MECStats, TapStats, TermStats
+from .stats import LayerwiseStats, MECStats, TapStats, TermStats
 
 
 def make_teacher(model: nn.Module) -> nn.Module:
@@ -61,24 +79,47 @@ def _param_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _logits_of(output: Any, whose: str) -> Tensor:
+    """The logits in a model's output: the tensor itself, or the `logits` of a model output."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    raise TypeError(
+        f"Cannot find logits in {whose} ({type(output).__name__}): pass a tensor or a model output "
+        "with a `logits` field."
+    )
+
+
 class MECRegularizer(nn.Module):
-    """The MEC-Quant term, `beta * loss`, computed on the features of the model's last forward.
+    """The MEC-Quant objective: the weighted sum of its enabled terms on the model's last forward.
 
     Args:
         model: the (quantized) model being trained; hooks are registered on it.
-        config: the `mec_*` fields set view, taps, order, lambda, conditioning, experts, gather.
-        teacher: frozen float copy from `make_teacher`, required by `mec_view="teacher"`.
+        config: the weights of the terms (`mec_weight`, `mec_layer_weight`, `mec_label_weight`,
+            `distill_weight`) and their settings (view, taps, order, lambda, conditioning,
+            experts, gather, `mec_layer_*`, `distill_temperature`).
+        teacher: frozen float copy from `make_teacher`, required by `mec_view="teacher"` and
+            `distill_weight > 0`.
         gate: routing module for `mec_routing="gate"` ((m, d) -> (m, K) logits), shared by all
             taps; by default one `nn.Linear(d, K)` per tap is built here (d read from the tap).
         balance_weight: weight of the gate's load-balancing term.
         seed: base seed of token-row sub-sampling.
 
-    `stats` is the `MECStats` of the last call (None when it computed nothing): the unweighted
-    loss, per-tap `TermStats`, the warm-up factor, the teacher's cost. `last_stats` is the same
-    as floats by log key (`MECStats.to_dict`), `{}` when nothing was computed.
+    `stats` is the `MECStats` of the last call (None when it computed nothing): each term's
+    unweighted loss, per-tap `TermStats`, the warm-up factor, the teacher's cost, the weighted
+    total. `last_stats` is the same as floats by log key (`MECStats.to_dict`), `{}` when nothing
+    was computed.
+
+    Example:
+        >>> reg = MECRegularizer(model, MECQuantConfig(distill_weight=1.0), teacher=teacher)
+        >>> out = model(x); loss = F.cross_entropy(out, y) + reg(logits=out, labels=y)
 
     Raises:
-        ValueError: teacher view without teacher; taps not found; gate dimension unknown.
+        ValueError: teacher view or distillation without teacher; taps not found; gate
+            dimension unknown; `mec_layer_weight > 0` on a model that is not prepared.
     """
 
     def __init__(
@@ -99,13 +140,29 @@ class MECRegularizer(nn.Module):
         # the teacher must never reach an optimizer nor a state dict of this term.
         self.__dict__["_model"] = model
         self.__dict__["_teacher"] = teacher
-        self.capture = FeatureCapture(model, self.taps, max_rows=config.mec_max_rows, seed=seed)
+        for needs, what in ((config.mec_view == "teacher", "mec_view='teacher'"),
+                            (config.distill_weight > 0, f"distill_weight={config.distill_weight}")):
+            if needs and teacher is None:
+                raise ValueError(
+                    f"{what} needs teacher=make_teacher(model), made before quantization "
+                    "(the Trainer callback and mixin make it themselves)."
+                )
+        # The label-aware term codes the head features whatever `mec_taps` the coding length uses.
+        self.head_name: str | None = None
+        captured = list(self.taps)
+        if config.mec_label_weight > 0:
+            self.head_name = resolve_taps(model, "head")[0][0]
+            if (self.head_name, "input") not in captured:
+                captured.append((self.head_name, "input"))
+        self.capture = FeatureCapture(model, captured, max_rows=config.mec_max_rows, seed=seed)
+        self.layer_term: LayerwiseCodingLength | None = None
+        if config.mec_layer_weight > 0:
+            self.layer_term = LayerwiseCodingLength(
+                model, config.mec_layer_target, experts=config.mec_layer_experts, max_rows=config.mec_max_rows,
+                standardize=config.mec_layer_standardize, seed=seed,
+            )
         self.teacher_capture: FeatureCapture | None = None
         if config.mec_view == "teacher":
-            if teacher is None:
-                raise ValueError(
-                    "mec_view='teacher' needs teacher=make_teacher(model), made before quantization."
-                )
             self.teacher_capture = FeatureCapture(
                 teacher, self.taps, max_rows=config.mec_max_rows, training_only=False, require_grad=False, seed=seed
             )
@@ -142,6 +199,13 @@ class MECRegularizer(nn.Module):
         self.capture.set_step(step)
         if self.teacher_capture is not None:
             self.teacher_capture.set_step(step)
+        if self.layer_term is not None:
+            self.layer_term.set_step(step)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen full-precision teacher (None without one); kept out of the module tree."""
+        return self.__dict__["_teacher"]
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -153,20 +217,22 @@ class MECRegularizer(nn.Module):
         """
         return {} if self.stats is None else self.stats.to_dict()
 
-    def _teacher_features(self) -> tuple[dict[str, Tensor], float, float]:
-        """The teacher's features of the student's last inputs, its forward time (ms), its size (MB)."""
-        teacher, capture = self.__dict__["_teacher"], self.teacher_capture
-        args, kwargs = self.capture.inputs
+    def _run_teacher(self, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[dict[str, Tensor], Any, float, float]:
+        """The teacher on the student's last inputs: its features (teacher view), its output, its
+        forward time (ms) and its size (MB)."""
+        teacher = self.__dict__["_teacher"]
+        args, kwargs = inputs
         kwargs = {k: v for k, v in kwargs.items() if k != "labels"}  # the teacher's loss is not needed
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if device is not None and _param_device(teacher) != device:
             teacher.to(device)
         start = time.perf_counter()
         with torch.no_grad():
-            teacher(*args, **kwargs)
+            output = teacher(*args, **kwargs)
         elapsed_ms = 1000 * (time.perf_counter() - start)
         size_mb = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) / 2**20
-        return capture.pop(), elapsed_ms, size_mb
+        features = self.teacher_capture.pop() if self.teacher_capture is not None else {}
+        return features, output, elapsed_ms, size_mb
 
     def _term(self, name: str, student: Tensor, teacher: Tensor | None) -> tuple[Tensor, TermStats] | None:
         cfg = self.config
@@ -208,22 +274,85 @@ class MECRegularizer(nn.Module):
             balance_weight=self.balance_weight, **kwargs,
         )
 
-    def forward(self) -> Tensor:
-        """`beta * term` on the features of the last training forward; clears them.
+    def forward(self, logits: Any = None, labels: Tensor | None = None) -> Tensor:
+        """The weighted sum of the enabled terms on the last training forward; clears its features.
 
-        Returns a zero tensor (no error) when beta is 0 or nothing was captured (eval forward).
+        Args:
+            logits: the model's output of that forward (a tensor, or a model output with
+                `logits`); needed when `distill_weight > 0`.
+            labels: the batch's class labels, one per sample; needed when `mec_label_weight > 0`.
+
+        Returns a zero tensor (no error) when every weight is 0 or no training forward was
+        captured (eval forward, or a second call after the same forward).
+
+        Raises:
+            ValueError: a term that needs `logits` or `labels` did not get them; labels that are
+                not one class per head-feature row.
         """
+        cfg = self.config
+        if cfg.distill_weight > 0 and logits is None:
+            raise ValueError(
+                f"distill_weight={cfg.distill_weight} needs the model's logits: call reg(logits=model_output, ...)."
+            )
+        if cfg.mec_label_weight > 0 and labels is None:
+            raise ValueError(f"mec_label_weight={cfg.mec_label_weight} needs the batch labels: call reg(labels=y, ...).")
         features = self.capture.pop()
+        inputs = self.capture.inputs
+        self.capture.clear()
         self.stats = None
         device = _param_device(self.__dict__["_model"])
-        beta = self.config.mec_weight
-        if beta == 0 or not features or self.capture.inputs is None:
-            self.capture.clear()
+        if inputs is None:
             return torch.zeros((), device=device)
-        teacher_features, teacher_ms, teacher_mb = {}, None, None
-        if self.teacher_capture is not None:
-            teacher_features, teacher_ms, teacher_mb = self._teacher_features()
-        self.capture.clear()
+        teacher_features, teacher_output, teacher_ms, teacher_mb = {}, None, None, None
+        head_on = cfg.mec_weight > 0 and any(name in features for name, _ in self.taps)
+        if (head_on and self.teacher_capture is not None) or cfg.distill_weight > 0:
+            teacher_features, teacher_output, teacher_ms, teacher_mb = self._run_teacher(inputs)
+
+        weighted: list[Tensor] = []
+        head_loss, taps = None, {}
+        if head_on:
+            head_loss, taps = self._head_term(features, teacher_features)
+            if head_loss is not None:
+                weighted.append(cfg.mec_weight * head_loss)
+        layerwise = None
+        if self.layer_term is not None:
+            layer_loss = self.layer_term()
+            layer_stats = self.layer_term.last_stats
+            if layer_stats:  # empty when no layer had enough rows
+                layerwise = LayerwiseStats(loss=layer_loss.detach(), coding_length=layer_stats["coding_length"],
+                                           layers=int(layer_stats["layers"]))
+                weighted.append(cfg.mec_layer_weight * layer_loss)
+        label_loss = None
+        if cfg.mec_label_weight > 0 and self.head_name in features:
+            z = features[self.head_name]
+            if z.shape[0] >= 2:
+                label_loss = rate_reduction_loss(z, self._labels_for(z, labels))
+                weighted.append(cfg.mec_label_weight * label_loss)
+        distill_loss = None
+        if cfg.distill_weight > 0:
+            mask = inputs[1].get("attention_mask")
+            student = self._logit_rows(_logits_of(logits, "logits"), mask)
+            teacher = self._logit_rows(_logits_of(teacher_output, "the teacher's output"), mask)
+            distill_loss = distillation_loss(student, teacher, cfg.distill_temperature)
+            weighted.append(cfg.distill_weight * distill_loss)
+
+        if not weighted:
+            return torch.zeros((), device=device)
+        total = weighted[0]
+        for part in weighted[1:]:
+            total = total + part
+        self.stats = MECStats(
+            loss=None if head_loss is None else head_loss.detach(), lambda_scale=self.lambda_scale, taps=taps,
+            teacher_ms=teacher_ms, teacher_param_mb=teacher_mb, layerwise=layerwise,
+            label_loss=None if label_loss is None else label_loss.detach(),
+            distill_loss=None if distill_loss is None else distill_loss.detach(), total=total.detach(),
+        )
+        return total
+
+    def _head_term(
+        self, features: dict[str, Tensor], teacher_features: dict[str, Tensor]
+    ) -> tuple[Tensor | None, dict[str, TapStats]]:
+        """The coding-length term of the taps (unweighted, mean over taps) and each tap's stats."""
         losses, taps = [], {}
         for name, _ in self.taps:
             if name not in features:
@@ -234,18 +363,37 @@ class MECRegularizer(nn.Module):
             loss, term = result
             losses.append(loss)
             taps[name] = TapStats(loss=loss.detach(), rows=features[name].shape[0], term=term)
-        if not losses:
-            return torch.zeros((), device=device)
         # Normalized by the number of taps, so adding block taps does not rescale beta.
-        loss = torch.stack(losses).mean()
-        self.stats = MECStats(
-            loss=loss.detach(), lambda_scale=self.lambda_scale, taps=taps,
-            teacher_ms=teacher_ms, teacher_param_mb=teacher_mb,
-        )
-        return beta * loss
+        return (torch.stack(losses).mean() if losses else None), taps
+
+    def _labels_for(self, rows: Tensor, labels: Tensor) -> Tensor:
+        """The labels of the head rows (sub-sampled like the rows when the batch exceeds mec_max_rows)."""
+        labels = torch.as_tensor(labels, device=rows.device)
+        m = rows.shape[0]
+        if labels.dim() == 1 and labels.shape[0] > m == self.capture.max_rows:
+            labels = subsample_rows(labels, self.capture.max_rows, self.capture.row_seed)
+        if labels.shape != (m,):
+            raise ValueError(
+                f"mec_label_weight needs one class label per sample of the head features (classification): "
+                f"got labels of shape {tuple(labels.shape)} for {m} rows at {self.head_name!r}."
+            )
+        return labels
+
+    @staticmethod
+    def _logit_rows(logits: Tensor, attention_mask: Any) -> Tensor:
+        """Token logits without the padded positions; other logits as they are."""
+        if (
+            logits.dim() == 3
+            and isinstance(attention_mask, Tensor)
+            and attention_mask.shape == logits.shape[:2]
+        ):
+            return logits[attention_mask.to(logits.device) != 0]
+        return logits
 
     def remove(self) -> None:
         """Remove every hook registered on the model (and teacher)."""
         self.capture.remove()
         if self.teacher_capture is not None:
             self.teacher_capture.remove()
+        if self.layer_term is not None:
+            self.layer_term.remove()

@@ -1,7 +1,8 @@
 """Typed results of the coding-length objective, and their log keys (written once, here).
 
 `TermStats` is what `coding_length_loss` / `mixture_coding_length_loss` return beside the loss;
-`MECStats` is what `MECRegularizer` keeps of its last call (one `TapStats` per tap). `to_dict`
+`MECStats` is what `MECRegularizer` keeps of its last call (one `TapStats` per tap of the head
+term, `LayerwiseStats` and the label / distillation losses for the other terms). `to_dict`
 flattens them to the keys a logger receives (the Trainer callback logs them under `mec/`), so
 every statistic reaches the logs without a list of names to keep in sync elsewhere.
 
@@ -104,14 +105,30 @@ class TapStats:
 
 
 @dataclass(frozen=True)
+class LayerwiseStats:
+    """The per-layer coding length's part (`mec_layer_weight`): its unweighted loss (the mean over
+    layers), the mean coding length per sample, the number of layers coded."""
+
+    loss: Tensor
+    coding_length: float
+    layers: int
+
+
+@dataclass(frozen=True)
 class MECStats:
-    """What `MECRegularizer` computed in its last call.
+    """What `MECRegularizer` computed in its last call, one part per enabled term.
 
     Attributes:
-        loss: the unweighted term, the mean of the taps' losses (detached).
+        loss: the head term (`mec_weight`) unweighted, the mean of the taps' losses (detached);
+            None when that term is off or was skipped this step.
         lambda_scale: the factor of MEC's lambda warm-up at this step.
         taps: per tap name, its `TapStats` (taps skipped for too few rows are absent).
-        teacher_ms / teacher_param_mb: cost of the teacher view's forward, None for "self".
+        teacher_ms / teacher_param_mb: cost of the teacher's forward, None when none ran.
+        layerwise: the per-layer term (`mec_layer_weight`), None when off.
+        label_loss: the label-aware rate reduction loss `-(R(Z) - sum_j m_j/m R(Z_j)) / d`
+            (`mec_label_weight`), None when off.
+        distill_loss: the logit distillation loss (`distill_weight`), None when off.
+        total: the weighted sum of the terms, what the regularizer returned (detached).
 
     Example:
         >>> reg = MECRegularizer(model, config); _ = model(x); loss = reg()
@@ -119,25 +136,29 @@ class MECStats:
 
     """
 
-    loss: Tensor
+    loss: Tensor | None
     lambda_scale: float
     taps: dict[str, TapStats] = field(default_factory=dict)
     teacher_ms: float | None = None
     teacher_param_mb: float | None = None
+    layerwise: LayerwiseStats | None = None
+    label_loss: Tensor | None = None
+    distill_loss: Tensor | None = None
+    total: Tensor | None = None
 
     @property
     def rows(self) -> int:
-        """Rows coded this step on this rank, over all taps (before any gather)."""
+        """Rows coded this step on this rank by the head term, over all taps (before any gather)."""
         return sum(tap.rows for tap in self.taps.values())
 
     @property
     def coding_length(self) -> Tensor:
-        """Mean coding length per sample over the taps."""
+        """Mean coding length per sample over the taps of the head term."""
         return torch.stack([tap.term.coding_length for tap in self.taps.values()]).mean()
 
     @property
     def lam(self) -> Tensor:
-        """Mean lambda over the taps."""
+        """Mean lambda over the taps of the head term."""
         return torch.stack([tap.term.lam for tap in self.taps.values()]).mean()
 
     @property
@@ -148,20 +169,24 @@ class MECStats:
     def to_dict(self) -> dict[str, float]:
         """Every statistic as a float by log key.
 
-        `loss`, `coding_length`, `spectral_bound`, `lambda`, `lambda_scale`, `rows`, the
-        teacher's `teacher_ms` / `teacher_param_mb`, and each tap's mixture statistics
-        (`expert_share/e`, `expert_lambda/e`, `balance`). With more than one tap, each tap's
-        `loss`, `coding_length`, `spectral_bound`, `lambda` and mixture statistics also appear
-        under `<tap name>/`.
+        Head term (when computed): `loss`, `coding_length`, `spectral_bound`, `lambda`, `rows`, and
+        each tap's mixture statistics (`expert_share/e`, `expert_lambda/e`, `balance`); with more
+        than one tap, each tap's `loss`, `coding_length`, `spectral_bound`, `lambda` and mixture
+        statistics also appear under `<tap name>/`. Always `lambda_scale` and `total`; the
+        teacher's `teacher_ms` / `teacher_param_mb` when it ran; `layer/loss`,
+        `layer/coding_length`, `layer/layers`, `label/loss`, `distill/loss` for the terms that are on.
         """
-        out: dict[str, Tensor | float] = {
-            "loss": self.loss,
-            "coding_length": self.coding_length,
-            "spectral_bound": self.spectral_bound,
-            "lambda": self.lam,
-            "lambda_scale": self.lambda_scale,
-            "rows": self.rows,
-        }
+        out: dict[str, Tensor | float] = {}
+        if self.loss is not None and self.taps:
+            out.update({
+                "loss": self.loss,
+                "coding_length": self.coding_length,
+                "spectral_bound": self.spectral_bound,
+                "lambda": self.lam,
+            })
+        out["lambda_scale"] = self.lambda_scale
+        if self.taps:
+            out["rows"] = self.rows
         if self.teacher_ms is not None:
             out["teacher_ms"] = self.teacher_ms
         if self.teacher_param_mb is not None:
@@ -174,4 +199,14 @@ class MECStats:
                     out[prefix + key] = value
             if several:
                 out[prefix + "loss"] = tap.loss
+        if self.layerwise is not None:
+            out["layer/loss"] = self.layerwise.loss
+            out["layer/coding_length"] = self.layerwise.coding_length
+            out["layer/layers"] = self.layerwise.layers
+        if self.label_loss is not None:
+            out["label/loss"] = self.label_loss
+        if self.distill_loss is not None:
+            out["distill/loss"] = self.distill_loss
+        if self.total is not None:
+            out["total"] = self.total
         return _floats(out)

@@ -101,7 +101,7 @@ def test_no_labels_warns_once_and_trains_without_term(tmp_path):
 def test_non_finite_term_is_skipped(tmp_path):
     trainer, cb, ds = make_trainer("vit", str(tmp_path))
     model = trainer.model
-    cb.regularizer.forward = lambda: torch.tensor(float("nan"))  # a broken term
+    cb.regularizer.forward = lambda **inputs: torch.tensor(float("nan"))  # a broken term (gets logits, labels)
     model.train()
     batch = {k: v[:4] for k, v in ds[:4].items()}
     with pytest.warns(UserWarning, match="non-finite"):

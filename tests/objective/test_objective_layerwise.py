@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from objective_helpers import ref_normalize
 from torch import nn
 
 from mec_quant_plugin import MECQuantConfig, prepare_model
 from mec_quant_plugin.objective.class_coding import rate_reduction_loss
 from mec_quant_plugin.objective.distill import distillation_loss
 from mec_quant_plugin.objective.layerwise import LayerwiseCodingLength
-
-from objective_helpers import ref_normalize
 
 
 def _cnn() -> nn.Module:

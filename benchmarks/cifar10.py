@@ -15,8 +15,8 @@ atomically) and continues from there.
     python benchmarks/cifar10.py run --bits W2A2 --seeds 0 --methods "mec:mec_taps=layers"
     python benchmarks/cifar10.py diagnose --bits W2A2
 
-A method is `fp`, `ptq`, `plain` (mec_weight=0), `kd` (logit distillation from the FP start, no
-term) or `mec[:field=value,...]` with MECQuantConfig fields.
+A method is `fp`, `ptq`, `plain` (mec_weight=0), `kd` (distill_weight=1 from the FP start, no
+term) or `mec[:field=value,...]` with MECQuantConfig fields (e.g. mec_layer_weight, distill_weight).
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine  # noqa: E402
 from harness.cifar10 import ResNet20, accuracy, epoch_batches, load_cifar10, normalize  # noqa: E402
 
-from mec_quant_plugin import MECQuantConfig, MECRegularizer, calibrate_activations, convert_model, prepare_model  # noqa: E402
-from mec_quant_plugin.objective.class_coding import rate_reduction_loss  # noqa: E402
-from mec_quant_plugin.objective.distill import distillation_loss  # noqa: E402
-from mec_quant_plugin.objective.layerwise import LayerwiseCodingLength  # noqa: E402
+from mec_quant_plugin import (  # noqa: E402
+    MECQuantConfig,
+    MECRegularizer,
+    calibrate_activations,
+    convert_model,
+    make_teacher,
+    prepare_model,
+)
 
 WORK = Path(os.environ.get("MEC_QUANT_BENCH_DIR", "outputs/bench-cifar10"))  # FP start, run checkpoints
 
@@ -127,10 +131,6 @@ def fp_start(args: argparse.Namespace) -> None:
     print(f"FP start: {100 * acc:.2f}% after {args.epochs} epochs -> {final}")
 
 
-# Options of the candidate terms beside MECQuantConfig's own fields (with their defaults).
-EXTRA_OPTIONS = {"distill_weight": 0.0, "distill_temperature": 1.0, "mec_layer_target": None,
-                 "mec_layer_weight": 0.0, "mec_layer_experts": 1, "mec_layer_standardize": False,
-                 "mec_label_weight": 0.0}
 METHODS = ("fp", "ptq", "plain", "kd", "mec")
 
 
@@ -163,30 +163,27 @@ def _load_fp_start() -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def _split_options(method: str, overrides: dict, bits: tuple[int, int | None]) -> tuple[MECQuantConfig | None, dict]:
-    """The run's MECQuantConfig (None for fp/ptq) and the candidate-term options."""
-    extras = dict(EXTRA_OPTIONS)
-    fields = {k: v for k, v in overrides.items() if k not in EXTRA_OPTIONS}
-    extras.update({k: v for k, v in overrides.items() if k in EXTRA_OPTIONS})
-    if method == "kd":
-        extras["distill_weight"] = overrides.get("distill_weight", 1.0)
-        extras["distill_temperature"] = overrides.get("distill_temperature", 1.0)
+def method_config(method: str, overrides: dict, bits: tuple[int, int | None]) -> MECQuantConfig | None:
+    """The run's MECQuantConfig (None for `fp`): `plain` turns the term off, `kd` is logit
+    distillation from the FP start (distill_weight 1, T 1 unless overridden) without the term."""
     if method == "fp":
-        return None, extras
+        return None
     cfg = MECQuantConfig(weight_bits=bits[0], act_bits=bits[1])
-    if method in ("plain", "kd"):
+    if method == "plain":
         cfg = cfg.replace(mec_weight=0.0)
-    return cfg.replace(**fields), extras
+    elif method == "kd":
+        cfg = cfg.replace(mec_weight=0.0, distill_weight=1.0)
+    return cfg.replace(**overrides)
 
 
 def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_dir: Path) -> dict:
     """Train one method from the FP start for `args.qat_epochs` epochs; returns the result entry."""
     xtr, ytr = data["train"]
-    cfg, extras = _split_options(method, overrides, bits)
+    cfg = method_config(method, overrides, bits)
     model = _load_fp_start()
     teacher = None
-    if extras["distill_weight"] > 0 or (cfg is not None and cfg.mec_weight > 0 and cfg.mec_view == "teacher"):
-        teacher = _load_fp_start().eval().requires_grad_(False)
+    if cfg is not None and (cfg.distill_weight > 0 or cfg.mec_weight > 0 and cfg.mec_view == "teacher"):
+        teacher = make_teacher(model)
     first = next(epoch_batches(xtr, ytr, batch_size=args.batch_size, seed=seed, epoch=0))
     if cfg is not None:
         model = prepare_model(model, cfg)
@@ -194,15 +191,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
             calibrate_activations(model, first[0])
         if method == "ptq":
             return {"model": convert_model(model.eval()), "steps": 0, "step_seconds": None}
-    reg = MECRegularizer(model, cfg, teacher=teacher) if cfg is not None and cfg.mec_weight > 0 else None
-    layer_term = None
-    if extras["mec_layer_weight"] > 0:
-        layer_term = LayerwiseCodingLength(model, extras["mec_layer_target"] or "activations",
-                                           experts=extras["mec_layer_experts"],
-                                           standardize=bool(extras["mec_layer_standardize"]), seed=seed)
-    head_features: dict[str, torch.Tensor] = {}
-    if extras["mec_label_weight"] > 0:
-        model.fc.register_forward_hook(lambda mod, a, out: head_features.__setitem__("z", a[0]))
+    reg = MECRegularizer(model, cfg, teacher=teacher, seed=seed) if cfg is not None else None
     quant_params = [p for n, p in model.named_parameters() if "fake_quantizer" in n]
     ids = {id(p) for p in quant_params}
     decay = [p for p in model.parameters() if p.dim() > 1 and id(p) not in ids]
@@ -236,32 +225,13 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
             t0 = time.perf_counter()
             if reg is not None:
                 reg.set_progress(step, total)
-            if layer_term is not None:
-                layer_term.set_step(step)
             logits = model(xb)
             task = torch.nn.functional.cross_entropy(logits, yb)
             loss = task
-            parts = {}
-            if extras["distill_weight"] > 0:
-                with torch.no_grad():
-                    t_logits = teacher(xb)
-                kd = distillation_loss(logits, t_logits, extras["distill_temperature"])
-                loss = loss + extras["distill_weight"] * kd
-                parts["kd"] = float(kd.detach())
             if reg is not None:
-                term = reg()
-                loss = loss + term
-                parts["mec"] = float(term.detach())
-            if layer_term is not None:
-                lt = layer_term()
-                loss = loss + extras["mec_layer_weight"] * lt
-                parts["layer"] = float(lt.detach())
-            if extras["mec_label_weight"] > 0:
-                rr = rate_reduction_loss(head_features.pop("z"), yb)
-                loss = loss + extras["mec_label_weight"] * rr
-                parts["label"] = float(rr.detach())
+                loss = loss + reg(logits=logits, labels=yb)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {step}: {parts}")
+                raise RuntimeError(f"non-finite loss at step {step}: {reg.last_stats if reg is not None else {}}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -269,8 +239,10 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
             times.append(time.perf_counter() - t0)
             step += 1
             if step % 50 == 0:
-                log.append({"step": step, "task": round(float(task), 4), **{k: round(v, 4) for k, v in parts.items()}})
-                print(f"  step {step}/{total} task {float(task):.3f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()),
+                parts = {k: v for k, v in (reg.last_stats if reg is not None else {}).items()
+                         if k in ("total", "loss", "layer/loss", "label/loss", "distill/loss")}
+                log.append({"step": step, "task": round(float(task.detach()), 4), **{k: round(v, 4) for k, v in parts.items()}})
+                print(f"  step {step}/{total} task {float(task.detach()):.3f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()),
                       flush=True)
             if step % args.checkpoint_every == 0 and step < total:
                 _atomic_save({**model.state_dict(), **_optimizer_tensors(model, opt)}, {"steps_done": step}, ckpt)
@@ -389,7 +361,7 @@ def diagnose(args: argparse.Namespace) -> None:
             print(f"no trained state for {spec} (seed {args.seed}) at {state}: run it first; skipped")
             continue
         method, overrides = parse_method(spec)
-        run_cfg, _ = _split_options(method, overrides, bits)
+        run_cfg = method_config(method, overrides, bits)
         model = prepare_model(ResNet20().to(memory_format=torch.channels_last), run_cfg)
         model.load_state_dict(load_file(str(state)))
         report["models"][spec] = layer_statistics(model, images)

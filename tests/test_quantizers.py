@@ -229,3 +229,35 @@ def test_to_affine_of_a_weight_the_group_does_not_divide():
     wfq = WeightFakeQuantizer(torch.randn(3, 32), 2, group_size=8)
     with pytest.raises(ValueError, match="does not divide"):
         wfq.to_affine(torch.randn(3, 30))
+
+
+_DEGENERATE = {
+    "zeros": torch.zeros(4, 8),
+    "constant": torch.full((4, 8), 0.7),
+    "nan": torch.randn(4, 8).index_fill_(1, torch.tensor([3]), float("nan")),
+    "inf": torch.randn(4, 8).index_fill_(1, torch.tensor([3]), float("inf")),
+}
+
+
+@pytest.mark.parametrize("first", sorted(_DEGENERATE))
+def test_degenerate_first_batch_is_skipped_and_the_next_batch_calibrates(first):
+    # An all-zero first batch used to freeze the step at 1e-8 and the signedness at unsigned, so
+    # every later negative input was clipped to 0; a NaN batch crashed.
+    aq = ActivationFakeQuantizer(2).train()
+    bad = _DEGENERATE[first]
+    with pytest.warns(UserWarning, match="degenerate"):
+        out = aq(bad)
+    assert not bool(aq.initialized)
+    assert torch.equal(out, bad) or first in ("nan", "inf")  # passed through, not quantized
+    good = torch.randn(64, 8)
+    aq(good)
+    ref = ActivationFakeQuantizer(2)
+    ref.calibrate(good)
+    assert bool(aq.initialized) and bool(aq.signed)
+    assert (aq.scale.item(), aq.offset.item()) == (ref.scale.item(), ref.offset.item())
+
+
+@pytest.mark.parametrize("first", ["zeros", "constant"])
+def test_explicit_calibration_on_a_constant_batch_is_an_error(first):
+    with pytest.raises(ValueError, match="constant"):
+        ActivationFakeQuantizer(2).calibrate(_DEGENERATE[first])

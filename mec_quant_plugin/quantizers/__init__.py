@@ -7,9 +7,9 @@ activations (per tensor, unsigned or signed with a learnable offset). The math r
 autocast disabled and casts back to the input dtype.
 
 - `weight.py`: `WeightFakeQuantizer` and its export, `to_affine()` -> `AffineWeight`;
-- `activation.py`: `ActivationFakeQuantizer` (calibrated on the first batch, averaged across ranks);
+- `activation.py`: `ActivationFakeQuantizer` (calibrated on the first usable batch, averaged across ranks);
 - `autograd.py`: the LSQ / binary autograd Functions (gradients and memory);
-- `numerics.py`: fp32 under autocast, positive steps, finite-input checks.
+- `numerics.py`: fp32 under autocast, positive steps, finite weights and usable calibration batches.
 """
 
 from .activation import ActivationFakeQuantizer

@@ -11,7 +11,7 @@ from torch import nn
 from ..distributed import any_across_ranks_, average_across_ranks_
 from ..options import ACT_SIGNEDNESS, check_bits, check_choice
 from .autograd import LSQFakeQuantize
-from .numerics import check_finite, positive_step, run_in_fp32
+from .numerics import degenerate_batch, positive_step, run_in_fp32
 
 
 class ActivationFakeQuantizer(nn.Module):
@@ -21,7 +21,9 @@ class ActivationFakeQuantizer(nn.Module):
     is initialized from the first batch seen in training, or by an explicit `calibrate(x)`; the
     `initialized` buffer is saved in the state dict so a reloaded checkpoint does not re-initialize.
     With signedness 'auto' the first batch decides: non-negative -> unsigned [0, 2^b - 1],
-    otherwise signed [-2^(b-1), 2^(b-1) - 1] plus a learnable offset.
+    otherwise signed [-2^(b-1), 2^(b-1) - 1] plus a learnable offset. A degenerate batch (every
+    value equal, e.g. all zero, or any NaN/inf) holds no range: the forward passes it through
+    unquantized with a warning and calibrates on the next batch.
 
     Example:
         >>> aq = ActivationFakeQuantizer(bits=2)
@@ -29,7 +31,7 @@ class ActivationFakeQuantizer(nn.Module):
         (0, 3)
 
     Raises:
-        ValueError: bits outside 1..8, unknown signedness, NaN/inf in the calibration batch.
+        ValueError: bits outside 1..8, unknown signedness; `calibrate` on a degenerate batch.
     """
 
     def __init__(self, bits: int, signedness: str = "auto") -> None:
@@ -70,10 +72,16 @@ class ActivationFakeQuantizer(nn.Module):
         Under data parallelism every rank ends with the same step (averaged) and signedness.
 
         Raises:
-            ValueError: NaN/inf in `x`.
+            ValueError: `x` is degenerate on some rank: NaN/inf, or constant (e.g. all zero),
+                which would freeze the step at its floor and the signedness at unsigned.
         """
         x = x.detach().float()
-        check_finite(x, "activation calibration batch")
+        reason = degenerate_batch(x)
+        if _any_rank_degenerate(reason is not None, x.device):
+            raise ValueError(
+                f"activation calibration batch is {reason or 'degenerate on another rank'}: it has no range "
+                "to calibrate a step size from; calibrate on a batch of real inputs."
+            )
         if self.signedness == "auto":
             negative = (x.min() < 0).float().reshape(1)
             any_across_ranks_(negative)
@@ -107,6 +115,15 @@ class ActivationFakeQuantizer(nn.Module):
         """Fake-quantized activation (initializes the step on the first training batch)."""
         initialized, signed = self._read_flags()
         if not initialized:
+            reason = degenerate_batch(x)
+            if _any_rank_degenerate(reason is not None, x.device):
+                warnings.warn(
+                    f"ActivationFakeQuantizer: skipped calibration on a degenerate batch ({reason or 'on another rank'}); "
+                    "this input passes unquantized and the next batch calibrates the step size.",
+                    stacklevel=2,
+                )
+                # Zero-gradient use of the step and offset: DDP expects every parameter in the graph.
+                return x + 0.0 * (self.scale + self.offset)
             if not self.training:
                 # e.g. Trainer(eval_on_start=True): better a calibrated model than a crash.
                 warnings.warn(
@@ -127,3 +144,11 @@ class ActivationFakeQuantizer(nn.Module):
         if not bool(self.initialized) and self.signedness == "auto":
             kind = "auto"
         return f"bits={self.bits}, {kind}"
+
+
+def _any_rank_degenerate(local: bool, device: torch.device) -> bool:
+    """True when the batch is degenerate on this rank or any other, so all ranks skip together
+    (calibration runs collectives: one rank calibrating alone would hang the others)."""
+    flag = torch.tensor([float(local)], device=device)
+    any_across_ranks_(flag)
+    return bool(flag.item() > 0)

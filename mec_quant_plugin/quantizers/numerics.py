@@ -1,4 +1,4 @@
-"""Numerics shared by the quantizers: fp32 math under autocast, positive steps, finite inputs."""
+"""Numerics shared by the quantizers: fp32 math under autocast, positive steps, usable inputs."""
 
 from __future__ import annotations
 
@@ -34,6 +34,24 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).sum().item()
         raise ValueError(f"{what} contains {bad} NaN/inf values; cannot initialize its step size.")
+
+
+def degenerate_batch(x: torch.Tensor) -> str | None:
+    """Why `x` cannot calibrate an activation step (NaN/inf, or every value equal), or None.
+
+    Example:
+        >>> degenerate_batch(torch.zeros(4, 8))
+        'constant (every value 0)'
+    """
+    if x.numel() == 0:
+        return "empty"
+    finite = torch.isfinite(x)
+    if not finite.all():
+        return f"non-finite ({(~finite).sum().item()} NaN/inf values)"
+    lo, hi = torch.aminmax(x)
+    if lo.item() == hi.item():
+        return f"constant (every value {lo.item():g})"
+    return None
 
 
 def positive_step(scale: torch.Tensor) -> torch.Tensor:

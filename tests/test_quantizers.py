@@ -261,3 +261,28 @@ def test_degenerate_first_batch_is_skipped_and_the_next_batch_calibrates(first):
 def test_explicit_calibration_on_a_constant_batch_is_an_error(first):
     with pytest.raises(ValueError, match="constant"):
         ActivationFakeQuantizer(2).calibrate(_DEGENERATE[first])
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_float16"])
+def test_casting_the_model_keeps_step_sizes_float32(cast):
+    # model.half() used to cast the step sizes too: the 1e-8 floor (and any small step) became 0.
+    from torch import nn
+    from torchao.quantization import quantize_
+
+    from mec_quant_plugin import MECQuantConfig, is_supported_layer
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    quantize_(model, MECQuantConfig(weight_bits=2, act_bits=2), filter_fn=is_supported_layer)
+    fq = model[0]
+    fq.activation_fake_quantizer.calibrate(torch.randn(16, 8))
+    with torch.no_grad():
+        fq.weight_fake_quantizer.scale[0] = 1e-8
+    steps = {n: p.detach().clone() for n, p in model.named_parameters() if "fake_quantizer" in n}
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "to_float16": torch.float16}[cast]
+    model = model.to(dtype) if cast.startswith("to_") else getattr(model, cast)()
+    assert fq.weight.dtype == dtype
+    for name, p in model.named_parameters():
+        if "fake_quantizer" in name:
+            assert p.dtype == torch.float32 and torch.equal(p, steps[name]), name
+    out = model(torch.randn(3, 8).to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()

@@ -11,10 +11,10 @@ from torch import nn
 from ..distributed import any_across_ranks_, average_across_ranks_
 from ..options import ACT_SIGNEDNESS, check_bits, check_choice
 from .autograd import LSQFakeQuantize
-from .numerics import degenerate_batch, positive_step, run_in_fp32
+from .numerics import KeepsFloat32, degenerate_batch, positive_step, run_in_fp32
 
 
-class ActivationFakeQuantizer(nn.Module):
+class ActivationFakeQuantizer(KeepsFloat32):
     """Per-tensor LSQ (unsigned) / LSQ+ (signed, learnable offset) fake quantizer for activations.
 
     The step size is a Parameter from construction (so an optimizer built afterwards owns it) and

@@ -10,6 +10,25 @@ import torch
 MIN_STEP = 1e-8
 
 
+class KeepsFloat32(torch.nn.Module):
+    """Base of the quantizers: `model.half()`, `.bfloat16()`, `.to(dtype)` move their step sizes
+    and offsets to the new device but leave them float32.
+
+    Why: a step size is a precision-critical scalar (fp16 flushes the 1e-8 floor and small steps
+    to 0, and rounds every other step); the quantizer math runs in fp32 anyway (`run_in_fp32`),
+    so only the weights and activations take the model's dtype.
+    """
+
+    def _apply(self, fn, recurse=True):
+        def move_without_cast(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(move_without_cast, recurse)
+
+
 def run_in_fp32(fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):
     """Decorator: run a quantizer's forward in fp32 with autocast off, returning the input dtype.
 

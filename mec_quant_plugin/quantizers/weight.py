@@ -10,7 +10,7 @@ from torch import nn
 
 from ..options import check_bits
 from .autograd import BinaryFakeQuantize, LSQFakeQuantize
-from .numerics import check_finite, positive_step, run_in_fp32
+from .numerics import KeepsFloat32, check_finite, positive_step, run_in_fp32
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def _int_dtype(bits: int) -> torch.dtype:
     return torch.int8 if bits == 8 else getattr(torch, f"int{bits}")
 
 
-class WeightFakeQuantizer(nn.Module):
+class WeightFakeQuantizer(KeepsFloat32):
     """Symmetric per-output-channel (or per-group) LSQ fake quantizer for a weight tensor.
 
     Levels: bits=1 -> {-alpha, +alpha}; ternary -> {-1, 0, 1} * s; bits=b >= 2 -> integers in

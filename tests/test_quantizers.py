@@ -163,15 +163,21 @@ def test_uninitialized_activation_in_eval_calibrates_with_a_warning():
     assert bool(aq.initialized)
 
 
-def test_fp32_math_under_bf16_and_autocast():
-    w = torch.randn(4, 16)
-    q = WeightFakeQuantizer(w, 2)
-    out = q(w.bfloat16())
-    assert out.dtype == torch.bfloat16
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out2 = q(w)
-    assert out2.dtype == torch.float32
-    assert torch.allclose(out2, q(w))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_math_for_low_precision_inputs_and_under_autocast(dtype):
+    # The quantizer math runs in fp32 and rounds once, back to the input's dtype: computed in
+    # bf16/fp16, inputs near a level boundary land on the neighbouring level (and a weight
+    # quantizer would return fp32). Expected = the fp32 computation cast once.
+    w = torch.randn(64, 64)
+    wq = WeightFakeQuantizer(w, 2)
+    aq = ActivationFakeQuantizer(4, "signed")
+    aq.calibrate(torch.randn(64, 64))
+    for q, t in ((wq, w.to(dtype)), (aq, torch.randn(64, 64).to(dtype))):
+        expected = q(t.float()).to(dtype)
+        out = q(t)
+        assert out.dtype == dtype and torch.equal(out, expected), type(q).__name__
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(q(t), expected), type(q).__name__
 
 
 @pytest.mark.parametrize("bad", [0, 9, -1])

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from mec_quant_plugin.data.images import decode_images, random_crop_flip
+from mec_quant_plugin.data.images import ImageTensorDataset, decode_images, random_crop_flip
 
 
 def _image_dataset(n: int = 6) -> tuple[Dataset, np.ndarray]:
@@ -19,15 +19,26 @@ def _image_dataset(n: int = 6) -> tuple[Dataset, np.ndarray]:
     return ds, arrays
 
 
-def test_decode_images_gives_chw_uint8_equal_to_the_pixels_and_caches(tmp_path):
+def test_decode_images_gives_chw_uint8_equal_to_the_pixels_and_caches_file_backed_sets(tmp_path):
     ds, arrays = _image_dataset()
-    x = decode_images(ds, "img", cache_dir=tmp_path)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    ds = Dataset.load_from_disk(str(tmp_path / "ds"))  # backed by Arrow files: a stable fingerprint
+    x = decode_images(ds, "img", cache_dir=tmp_path / "cache")
     assert x.dtype == torch.uint8 and x.shape == (6, 3, 8, 8)
     assert torch.equal(x, torch.from_numpy(arrays).permute(0, 3, 1, 2))  # PNG: lossless
-    cached = list(tmp_path.glob("images-*.safetensors"))
+    cached = list((tmp_path / "cache").glob("images-*.safetensors"))
     assert len(cached) == 1
-    cached[0].write_bytes(cached[0].read_bytes())  # the second call reads the cache, not the images
-    assert torch.equal(decode_images(ds, "img", cache_dir=tmp_path), x)
+    from safetensors.torch import save_file
+
+    save_file({"images": torch.zeros_like(x)}, str(cached[0]))  # a second call reads the cache
+    assert int(decode_images(ds, "img", cache_dir=tmp_path / "cache").max()) == 0
+
+
+def test_decode_images_does_not_cache_in_memory_sets(tmp_path):
+    ds, arrays = _image_dataset()
+    x = decode_images(ds, "img", cache_dir=tmp_path)
+    assert torch.equal(x, torch.from_numpy(arrays).permute(0, 3, 1, 2))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_decode_images_reads_uint8_arrays_given_as_lists(tmp_path):
@@ -62,3 +73,14 @@ def test_random_crop_flip_is_reproducible_from_the_generator():
     a = random_crop_flip(x, generator=torch.Generator().manual_seed(3))
     b = random_crop_flip(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.dtype == torch.uint8
+
+
+def test_image_tensor_dataset_augments_only_when_asked():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(2, 3, 8, 8)
+    plain = ImageTensorDataset(x, [0, 1])
+    assert torch.equal(plain[1]["image"], x[1]) and int(plain[1]["labels"]) == 1
+    torch.manual_seed(0)
+    augmented = ImageTensorDataset(x, [0, 1], augment=True)
+    assert any(not torch.equal(augmented[0]["image"], x[0]) for _ in range(10))
+    with pytest.raises(ValueError, match="uint8"):
+        ImageTensorDataset(x.float(), [0, 1])

@@ -48,6 +48,13 @@ class DataArguments:
     max_length: int = field(default=128, metadata={"help": "text-classification: truncation length in tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples (blocks for causal-lm)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation examples."})
+    augment: bool = field(
+        default=True,
+        metadata={
+            "help": "image-classification: random crop after 4-pixel zero padding + horizontal flip of the TRAINING "
+            "images (the CIFAR literature's augmentation); --no-augment turns it off. Evaluation images are never augmented."
+        },
+    )
 
 
 @dataclass

@@ -18,6 +18,22 @@ def looks_like_path(name: str) -> bool:
     )
 
 
+MIRROR_ENV = "MEC_QUANT_DATASETS_DIR"
+
+
+def local_mirror(name: str) -> Path | None:
+    """The user's local copy of Hub dataset `name`, when `$MEC_QUANT_DATASETS_DIR` is set: the folder
+    `$MEC_QUANT_DATASETS_DIR/<owner>/<name>` or `$MEC_QUANT_DATASETS_DIR/<name>` (e.g. the parquet files
+    of `uoft-cs/cifar10` in `.../cifar10/`), loaded through the same `datasets` path as the Hub copy."""
+    root = os.environ.get(MIRROR_ENV)
+    if not root:
+        return None
+    for candidate in (Path(root) / name, Path(root) / name.split("/")[-1]):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def load_raw_dataset(
     name: str, task: str, *, config: str | None = None, max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
@@ -52,6 +68,12 @@ def load_raw_dataset(
         return datasets.load_dataset(str(path))
     if looks_like_path(name):
         raise CLIError(f"dataset {name!r} not found: no such file or folder.")
+    mirror = local_mirror(name)
+    if mirror is not None:
+        import logging
+
+        logging.getLogger("mec_quant_plugin").warning("dataset %s: reading the local copy %s ($%s)", name, mirror, MIRROR_ENV)
+        return datasets.load_dataset(str(mirror), config)
     try:
         return datasets.load_dataset(name, config)
     except Exception as exc:  # offline, unknown name, gated: all reported the same way

@@ -71,6 +71,81 @@ def _image_transform(model_config, processor, image_column: str, label_column: s
     return transform
 
 
+# Decode a whole image column into memory only up to this many bytes of uint8 pixels (CIFAR-10
+# is 184 MB); larger sets keep the per-image path.
+DECODE_ONCE_MAX_BYTES = 2 * 1024**3
+
+
+def _decoded_image_sets(train, evals, image_col: str, label_col: str, label_map, *, augment: bool):
+    """Train/eval as `ImageTensorDataset`s of images decoded ONCE (cached; see data/images.py),
+    the training set randomly cropped and flipped per item when `augment`; None when the images
+    differ in size or would not fit the decode-once budget (the per-image path is used then)."""
+    import logging
+
+    from ..data.images import ImageTensorDataset, decode_images
+
+    logger = logging.getLogger("mec_quant_plugin")
+    sets = []
+    for ds, aug in ((train, augment), (evals, False)):
+        if ds is None:
+            sets.append(None)
+            continue
+        first = ds[0][image_col]
+        size = getattr(first, "size", None)
+        pixels = (size[0] * size[1] * 3) if size is not None else None
+        if pixels is not None and pixels * len(ds) > DECODE_ONCE_MAX_BYTES:
+            logger.info("images: %d x %s too large to decode once; decoding per batch", len(ds), size)
+            return None
+        try:
+            images = decode_images(ds, image_col)
+        except ValueError as exc:  # several sizes, or float pixels: the per-image path handles both
+            logger.info("images not decoded once (%s); decoding per batch without augmentation", exc)
+            return None
+        labels = [label_map[v] for v in ds[label_col]] if label_map is not None else [int(v) for v in ds[label_col]]
+        sets.append(ImageTensorDataset(images, labels, augment=aug))
+    return sets[0], sets[1]
+
+
+class ImageBatchCollator:
+    """uint8 images -> the model's `pixel_values`: through the model's image processor when it has
+    one, else scaled to [0, 1], resized to the model's `image_size`, standardized (Fashion-MNIST's
+    statistics for that data set, else mean 0.5 / std 0.5) and converted to the model's channels."""
+
+    def __init__(self, model_config, processor, *, fashion: bool) -> None:
+        self.processor = processor
+        self.channels = getattr(model_config, "num_channels", 3)
+        size = getattr(model_config, "image_size", None)
+        self.size = tuple(size[-2:]) if isinstance(size, (list, tuple)) else (size, size) if isinstance(size, int) else None
+        if fashion:
+            from ..data.fashion_mnist import MEAN, STD
+
+            self.mean, self.std = MEAN, STD
+        else:
+            self.mean, self.std = 0.5, 0.5
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        images = torch.stack([f["image"] for f in features])
+        labels = torch.stack([torch.as_tensor(f["labels"]) for f in features]).long()
+        if self.processor is not None:
+            if images.shape[1] == 1 and self.channels == 3:
+                images = images.expand(-1, 3, -1, -1)
+            arrays = [im.permute(1, 2, 0).numpy() for im in images]
+            return {"pixel_values": self.processor(images=arrays, return_tensors="pt")["pixel_values"], "labels": labels}
+        x = images.float() / 255.0
+        if x.shape[1] == 4:
+            x = x[:, :3]
+        if x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 3 and self.channels == 1:
+            x = x.mean(1, keepdim=True)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return {"pixel_values": (x - self.mean) / self.std, "labels": labels}
+
+
 @dataclass
 class Prepared:
     """Everything a task needs: model, processing class, datasets ready for the model, collator."""
@@ -101,7 +176,7 @@ def prepare_task(
     elif data.max_train_samples is not None and task != "causal-lm":
         train = take_first(train.shuffle(seed=seed), data.max_train_samples)
     if data.max_eval_samples is not None and task != "causal-lm":
-        evals = take_first(evals, data.max_eval_samples)
+        evals = take_first(evals.shuffle(seed=seed), data.max_eval_samples)  # as the transformers examples: not the first rows of a class-sorted split
     ref = train if train is not None else evals
 
     if task in ("image-classification", "text-classification"):
@@ -117,8 +192,14 @@ def prepare_task(
     if task == "image-classification":
         image_col = pick_column(ref, data.image_column, ("image", "img", "pixel_values"), "image", "--image-column")
         processor = load_image_processor(model_name)
-        fn = _image_transform(model.config, processor, image_col, label_col, label_map,
-                              fashion=data.dataset.lower().startswith("fashion"))
+        fashion = data.dataset.lower().startswith("fashion")
+        tensors = _decoded_image_sets(train, evals, image_col, label_col, label_map,
+                                      augment=for_training and getattr(data, "augment", False))
+        if tensors is not None:
+            train, evals = tensors
+            collator = ImageBatchCollator(model.config, processor, fashion=fashion)
+            return Prepared(model, processor, train, evals, collator, task)
+        fn = _image_transform(model.config, processor, image_col, label_col, label_map, fashion=fashion)
         train = train.with_transform(fn) if train is not None else None
         evals = evals.with_transform(fn)
         return Prepared(model, processor, train, evals, default_data_collator, task)

@@ -58,7 +58,9 @@ def decode_images(dataset, column: str, cache_dir: str | os.PathLike | None = No
     """
     from safetensors.torch import load_file, save_file
 
-    fingerprint = getattr(dataset, "_fingerprint", None)
+    # Only data sets backed by files have a fingerprint that is stable across processes; an
+    # in-memory one (Dataset.from_dict) gets a random fingerprint, so caching it would only leak files.
+    fingerprint = getattr(dataset, "_fingerprint", None) if getattr(dataset, "cache_files", None) else None
     path = None
     if fingerprint:
         key = hashlib.sha256(f"{fingerprint}:{column}".encode()).hexdigest()[:20]
@@ -97,3 +99,33 @@ def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generato
     idx_n = torch.arange(n)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """Decoded images (uint8 (N, C, H, W)) and labels as a torch Dataset of
+    `{"image": uint8 CxHxW tensor, "labels": int}`, randomly cropped (after `padding` zero pixels)
+    and flipped per item when `augment` (training only); the collator turns them into model inputs.
+
+    Example:
+        >>> ds = ImageTensorDataset(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), [0, 1, 2, 3], augment=True)
+        >>> ds[0]["image"].shape
+        torch.Size([3, 32, 32])
+    """
+
+    def __init__(self, images: Tensor, labels, *, augment: bool = False, padding: int = 4) -> None:
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}.")
+        self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.long)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels.")
+        self.augment, self.padding = augment, padding
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image = self.images[index]
+        if self.augment:
+            # torch's global generator: seeded by the Trainer, and distinct in each DataLoader worker
+            image = random_crop_flip(image[None], self.padding)[0]
+        return {"image": image, "labels": self.labels[index]}

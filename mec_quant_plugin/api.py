@@ -15,7 +15,13 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from .config import MECQuantConfig
 from .convert import convert_layer
 from .layer_policy import find_head_layer, find_input_layers
-from .modules.base import FakeQuantizedModule
+from .modules.base import (
+    FakeQuantizedModule,
+    holds_converted_weight,
+    layer_settings,
+    planned_settings,
+    settings_label,
+)
 from .modules.registry import (
     fake_quantized_class_for,
     is_fake_quantized,
@@ -35,8 +41,13 @@ def _mec_quant_transform(module: nn.Module, config: MECQuantConfig) -> nn.Module
     """What `quantize_(model, MECQuantConfig(...))` does to each selected module."""
     if config.step == "convert":
         return convert_layer(module) if is_fake_quantized(module) else module
+    if holds_converted_weight(module):
+        raise ValueError(_CONVERTED.format(what=f"This {type(module).__name__}"))
     if is_fake_quantized(module):
-        return module  # prepared already
+        has, asked = layer_settings(module), planned_settings(config, module)
+        if has != asked:  # prepared already, with other settings
+            raise ValueError(_ALREADY.format(layers=f"this layer: {settings_label(has)}, asked {settings_label(asked)}"))
+        return module
     fq_cls = fake_quantized_class_for(module)
     if fq_cls is None:
         raise TypeError(
@@ -53,14 +64,80 @@ def _mec_quant_transform(module: nn.Module, config: MECQuantConfig) -> nn.Module
     )
 
 
-def _edge_config(config: MECQuantConfig) -> MECQuantConfig:
+_ALREADY = (
+    "The model is already prepared with other settings ({layers}): a second prepare "
+    "cannot change a layer's quantizers. Prepare a fresh float model, or prepare with the same config."
+)
+_CONVERTED = (
+    "{what} holds converted (torchao int) weights: prepare_model needs the float model. Train from the "
+    "float checkpoint, or load the converted one for inference only."
+)
+
+
+def _edge_config(config: MECQuantConfig) -> MECQuantConfig | None:
+    """The edge layers' config under `config.edge_layers`; None leaves them float.
+
+    None (default): 8 bits for each side the body quantizes (weights, activations), float where it
+    is float; '8bit': W8 always, A8 when act_bits is set.
+    """
+    if config.edge_layers == "same":
+        return config
+    if config.edge_layers == "float":
+        return None
+    weight_bits = 8 if config.edge_layers == "8bit" or config.weight_bits is not None else None
+    act_bits = 8 if config.act_bits is not None else None
+    if weight_bits is None and act_bits is None:
+        return None
     return config.replace(
-        weight_bits=8,
-        act_bits=8 if config.act_bits is not None else None,
+        weight_bits=weight_bits,
+        act_bits=act_bits,
         ternary=False,
         weight_granularity="per_channel",
         group_size=None,
     )
+
+
+def _layer_plan(
+    model: nn.Module, config: MECQuantConfig, filter_fn: FilterFn | None
+) -> dict[str, MECQuantConfig | None]:
+    """Layer name -> the config `prepare_model` gives it (None: left float), for every supported
+    or already fake-quantized layer that `filter_fn` selects."""
+    edge = set(find_input_layers(model)) | {find_head_layer(model)}
+    edge_cfg = _edge_config(config)
+    plan: dict[str, MECQuantConfig | None] = {}
+    for name, mod in model.named_modules():
+        if not (is_supported_layer(mod, name) or is_fake_quantized(mod, name)):
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        cfg = edge_cfg if name in edge else config
+        if cfg is not None and isinstance(mod, nn.Embedding):
+            cfg = cfg.replace(act_bits=None)  # embeddings read integer ids: weight-only
+        plan[name] = cfg
+    return plan
+
+
+def _check_not_prepared_otherwise(model: nn.Module, plan: dict[str, MECQuantConfig | None]) -> None:
+    """Raise when a layer is converted already, or fake-quantized with settings other than the plan's."""
+    converted = [n for n in plan if holds_converted_weight(model.get_submodule(n))]
+    if converted:
+        raise ValueError(_CONVERTED.format(what=f"The model ({_names(converted)})"))
+    conflicts = []
+    for name, cfg in plan.items():
+        mod = model.get_submodule(name)
+        if is_fake_quantized(mod):
+            has, asked = layer_settings(mod), planned_settings(cfg, mod)
+            if has != asked:
+                conflicts.append((name, settings_label(has), settings_label(asked)))
+    if conflicts:
+        shown = "; ".join(f"{n}: {h}, asked {a}" for n, h, a in conflicts[:4]) + (
+            f"; ... (+{len(conflicts) - 4})" if len(conflicts) > 4 else ""
+        )
+        raise ValueError(_ALREADY.format(layers=shown))
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
 
 
 def prepare_model(
@@ -69,39 +146,36 @@ def prepare_model(
     """Insert fake quantizers into every supported layer, applying the edge-layer policy.
 
     The first layers taking the raw input (every Embedding, else the stem conv / patch
-    projection) and the task head (lm_head / classifier) follow `config.edge_layers`: '8bit'
-    (W8A8, default), 'float' or 'same'. Embeddings are always weight-only. The model is changed
-    in place and returned; one log line per bit-width group says which layers got what.
+    projection) and the task head (lm_head / classifier) follow `config.edge_layers`: by default
+    8 bits for what the body quantizes (W8A8 for a W2A2 body; float when nothing is quantized),
+    '8bit', 'float' or 'same'. Embeddings are always weight-only. The model is changed in place
+    and returned; one log line per bit-width group says which layers got what. Preparing again
+    with the same config is a no-op.
 
     Example:
         >>> model = prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
 
     Raises:
-        ValueError: config.step is not 'prepare'; the model has no supported layer.
+        ValueError: config.step is not 'prepare'; the model has no supported layer; it is prepared
+            already with other settings, or converted.
     """
     config = config or MECQuantConfig()
     if config.step != "prepare":
         raise ValueError(f"prepare_model needs config.step='prepare', got {config.step!r}.")
     _warn_refused_subclasses(model)
-    edge = set(find_input_layers(model)) | {find_head_layer(model)}
-
-    def selected(module: nn.Module, fqn: str) -> bool:
-        return is_supported_layer(module, fqn) and (filter_fn is None or filter_fn(module, fqn))
-
-    def embedding(module: nn.Module, fqn: str) -> bool:
-        return isinstance(module, nn.Embedding)
-
-    groups: list[tuple[MECQuantConfig, FilterFn]] = []
-    body = lambda m, n: selected(m, n) and n not in edge  # noqa: E731
-    edge_sel = lambda m, n: selected(m, n) and n in edge  # noqa: E731
-    groups.append((config, lambda m, n: body(m, n) and not embedding(m, n)))
-    groups.append((config.replace(act_bits=None), lambda m, n: body(m, n) and embedding(m, n)))
-    if config.edge_layers != "float":
-        edge_cfg = _edge_config(config) if config.edge_layers == "8bit" else config
-        groups.append((edge_cfg, lambda m, n: edge_sel(m, n) and not embedding(m, n)))
-        groups.append((edge_cfg.replace(act_bits=None), lambda m, n: edge_sel(m, n) and embedding(m, n)))
-    for cfg, fn in groups:
-        quantize_(model, cfg, filter_fn=fn)
+    plan = _layer_plan(model, config, filter_fn)
+    _check_not_prepared_otherwise(model, plan)
+    groups: list[tuple[MECQuantConfig, set[str]]] = []
+    for name, cfg in plan.items():
+        if cfg is None:
+            continue
+        group = next((g for g in groups if g[0] == cfg), None)
+        if group is None:
+            groups.append((cfg, {name}))
+        else:
+            group[1].add(name)
+    for cfg, names in groups:
+        quantize_(model, cfg, filter_fn=lambda m, n, names=names: n in names and is_supported_layer(m, n))
     _share_quantizers_of_tied_weights(model)
     report = quantization_report(model)
     for line in report.splitlines():

@@ -87,12 +87,14 @@ class MECQuantConfig(AOBaseConfig):
             "with a learnable offset, LSQ+), 'signed' or 'unsigned'."
         },
     )
-    edge_layers: str = field(
-        default="8bit",
+    edge_layers: str | None = field(
+        default=None,
         metadata={
             "help": "First layers taking the raw input (stem / patch / token embeddings) and the last "
-            "layer (classifier / lm_head): '8bit' (W8A8, the literature's convention), 'float' "
-            "(left unquantized) or 'same' (quantized like the rest)."
+            "layer (classifier / lm_head): None (default: 8 bits for what the body quantizes, the "
+            "literature's W8A8, and float where the body is float, so weight_bits=None, act_bits=None "
+            "quantizes nothing), '8bit' (W8, plus A8 when act_bits is set, whatever the body does), "
+            "'float' (left unquantized) or 'same' (quantized like the rest)."
         },
     )
     step: str = field(
@@ -227,7 +229,11 @@ class MECQuantConfig(AOBaseConfig):
         if self.ternary and self.weight_bits != 2:
             raise ValueError(f"ternary=True needs weight_bits=2 (3 levels fit in 2 bits), got {self.weight_bits}.")
         check_choice("act_signedness", self.act_signedness, ACT_SIGNEDNESS)
-        check_choice("edge_layers", self.edge_layers, EDGE_LAYER_POLICIES)
+        if self.edge_layers is not None and self.edge_layers not in EDGE_LAYER_POLICIES:
+            raise ValueError(
+                f"edge_layers must be None (8 bits for what the body quantizes) or one of "
+                f"{list(EDGE_LAYER_POLICIES)}, got {self.edge_layers!r}."
+            )
         check_choice("step", self.step, STEPS)
         _check_positive("mec_weight", self.mec_weight, allow_zero=True)
         check_choice("mec_view", self.mec_view, VIEWS)

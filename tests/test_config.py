@@ -43,7 +43,7 @@ def test_unknown_json_field_is_named():
     (dict(weight_granularity="per_group"), ValueError, "needs a positive int group_size"),
     (dict(group_size=32), ValueError, "only used with weight_granularity='per_group'"),
     (dict(ternary=True, weight_bits=3), ValueError, "ternary=True needs weight_bits=2"),
-    (dict(edge_layers="4bit"), ValueError, "edge_layers must be one of \\['8bit', 'float', 'same'\\]"),
+    (dict(edge_layers="4bit"), ValueError, "edge_layers must be None .* or one of \\['8bit', 'float', 'same'\\], got '4bit'"),
     (dict(step="train"), ValueError, "step must be one of"),
     (dict(mec_order=3), ValueError, "odd truncation"),
     (dict(mec_weight=-1.0), ValueError, "mec_weight must be >= 0"),

@@ -214,3 +214,56 @@ def test_recompute_composes_with_activation_checkpointing():
     assert sum(g is not None for g in g_ref) >= 9
     for a, p in zip(g_ref, model.parameters()):
         assert (a is None and p.grad is None) or torch.equal(a, p.grad)
+
+
+def _quantized(model):
+    """name -> W/A label of every layer with a weight or activation quantizer."""
+    return {n: m.bits_summary() for n, m in model.named_modules() if isinstance(m, FakeQuantizedModule)
+            and (m.weight_fake_quantizer is not None or m.activation_fake_quantizer is not None)}
+
+
+def test_no_bits_means_float_edges_too_unless_8bit_is_asked_explicitly():
+    # weight_bits=None, act_bits=None used to quantize the stem and the classifier to W8A8 anyway.
+    model, _ = TINY_MODELS["vit"]()
+    prepare_model(model, MECQuantConfig(weight_bits=None, act_bits=None))
+    assert _quantized(model) == {}
+    assert "W8" not in quantization_report(model)
+    # Only what the body quantizes, the edges quantize (at 8 bits): activations here.
+    model, _ = TINY_MODELS["vit"]()
+    prepare_model(model, MECQuantConfig(weight_bits=None, act_bits=4))
+    assert _quantized(model)["classifier"] == "WfloatA8"
+    # Asked explicitly, the edges are 8-bit whatever the body does.
+    model, _ = TINY_MODELS["vit"]()
+    prepare_model(model, MECQuantConfig(weight_bits=None, act_bits=None, edge_layers="8bit"))
+    assert _quantized(model) == {n: "W8Afloat" for n in EXPECTED_EDGES["vit"]}
+
+
+def test_edge_layers_default_and_configs_saved_with_8bit():
+    assert MECQuantConfig().edge_layers is None
+    saved = MECQuantConfig(weight_bits=None, act_bits=None, edge_layers="8bit").to_dict()
+    assert MECQuantConfig.from_dict(saved).edge_layers == "8bit"  # an old config keeps what it trained
+    assert MECQuantConfig.from_json(MECQuantConfig().to_json()) == MECQuantConfig()
+
+
+def test_prepare_again_with_other_settings_is_an_error():
+    # A second prepare_model with other bits used to be silently ignored.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
+    for other in (MECQuantConfig(weight_bits=4, act_bits=4), MECQuantConfig(weight_bits=2, act_bits=None),
+                  MECQuantConfig(weight_bits=2, act_bits=2, edge_layers="float")):
+        with pytest.raises(ValueError, match=r"already prepared with other settings \(\d: W\dA\d, asked (W|float)"):
+            prepare_model(model, other)
+    with pytest.raises(ValueError, match="already prepared"):  # torchao's own entry point too
+        quantize_(model, MECQuantConfig(weight_bits=4, act_bits=4))
+    assert model[1].bits_summary() == "W2A2"
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))  # the same settings: a no-op
+
+
+def test_prepare_a_converted_model_is_an_error():
+    from mec_quant_plugin import convert_model
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=None))
+    convert_model(model)
+    with pytest.raises(ValueError, match="converted"):
+        prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=None))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
@@ -100,3 +102,58 @@ class FakeQuantizedModule:
         if w is None:
             return bits_label(None, None if a is None else a.bits)
         return bits_label(w.bits, None if a is None else a.bits, ternary=w.ternary)
+
+
+class LayerSettings(NamedTuple):
+    """A layer's quantizer settings, comparable between a prepared layer and a config."""
+
+    weight_bits: int | None
+    ternary: bool
+    group_size: int | None
+    act_bits: int | None
+    act_signedness: str | None
+
+
+def layer_settings(module: FakeQuantizedModule) -> LayerSettings:
+    """The settings of a fake-quantized layer's quantizers."""
+    w, a = module.weight_fake_quantizer, module.activation_fake_quantizer
+    return LayerSettings(
+        None if w is None else w.bits,
+        False if w is None else w.ternary,
+        None if w is None else w.group_size,
+        None if a is None else a.bits,
+        None if a is None else a.signedness,
+    )
+
+
+def planned_settings(config: Any, module: nn.Module) -> LayerSettings:
+    """The settings a `MECQuantConfig` (None: float) gives `module` (no activations for embeddings)."""
+    if config is None:
+        return LayerSettings(None, False, None, None, None)
+    act = config.act_bits if getattr(module, "supports_activation_quantization", True) else None
+    weight = config.weight_bits
+    return LayerSettings(
+        weight,
+        bool(config.ternary) if weight is not None else False,
+        config.group_size if weight is not None else None,
+        act,
+        config.act_signedness if act is not None else None,
+    )
+
+
+def settings_label(settings: LayerSettings) -> str:
+    """e.g. "W2A2", "W4Afloat", "W3A4 (group 32, signed activations)", "float"."""
+    if settings.weight_bits is None and settings.act_bits is None:
+        return "float"
+    extras = [f"group {settings.group_size}"] if settings.group_size else []
+    if settings.act_signedness not in (None, "auto"):
+        extras.append(f"{settings.act_signedness} activations")
+    label = bits_label(settings.weight_bits, settings.act_bits, ternary=settings.ternary)
+    return label + (f" ({', '.join(extras)})" if extras else "")
+
+
+def holds_converted_weight(module: nn.Module) -> bool:
+    """True for a layer whose weight is a torchao int tensor (converted or reloaded)."""
+    from torchao.utils import TorchAOBaseTensor
+
+    return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)

@@ -53,7 +53,7 @@ WORK = Path(os.environ.get("MEC_QUANT_BENCH_DIR", "outputs/bench-cifar10"))  # F
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
     tmp_json = path.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(meta, indent=2))
@@ -88,7 +88,7 @@ def fp_start(args: argparse.Namespace) -> None:
     data = load_cifar10()
     xtr, ytr = data["train"]
     torch.manual_seed(args.seed)
-    model = ResNet20().to(memory_format=torch.channels_last)
+    model = ResNet20().to(args.device, memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -101,7 +101,7 @@ def fp_start(args: argparse.Namespace) -> None:
     if ckpt.exists():
         tensors = load_file(str(ckpt))
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("momentum::")})
-        _load_optimizer_tensors(model, opt, tensors)
+        _load_optimizer_tensors(model, opt, {k: v.to(args.device) for k, v in tensors.items()})
         epoch0 = json.loads(ckpt.with_suffix(".json").read_text())["epochs_done"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -113,6 +113,7 @@ def fp_start(args: argparse.Namespace) -> None:
         model.train()
         t0, running = time.perf_counter(), 0.0
         for xb, yb in epoch_batches(xtr, ytr, batch_size=args.batch_size, seed=args.seed, epoch=epoch):
+            xb, yb = xb.to(args.device, non_blocking=True), yb.to(args.device, non_blocking=True)
             loss = torch.nn.functional.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -154,13 +155,13 @@ def parse_bits(text: str) -> tuple[int, int | None]:
     return int(w), (None if a in ("", "FLOAT", "16", "32") else int(a))
 
 
-def _load_fp_start() -> torch.nn.Module:
+def _load_fp_start(device: str = "cpu") -> torch.nn.Module:
     final = WORK / "fp-start.safetensors"
     if not final.exists():
         raise SystemExit(f"no FP start at {final}: run `python benchmarks/cifar10.py fp-start` first.")
     model = ResNet20()
     model.load_state_dict(load_file(str(final)))
-    return model.to(memory_format=torch.channels_last)
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def method_config(method: str, overrides: dict, bits: tuple[int, int | None]) -> MECQuantConfig | None:
@@ -180,7 +181,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
     """Train one method from the FP start for `args.qat_epochs` epochs; returns the result entry."""
     xtr, ytr = data["train"]
     cfg = method_config(method, overrides, bits)
-    model = _load_fp_start()
+    model = _load_fp_start(args.device)
     teacher = None
     if cfg is not None and (cfg.distill_weight > 0 or cfg.mec_weight > 0 and cfg.mec_view == "teacher"):
         teacher = make_teacher(model)
@@ -188,7 +189,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
     if cfg is not None:
         model = prepare_model(model, cfg)
         with torch.no_grad():
-            calibrate_activations(model, first[0])
+            calibrate_activations(model, first[0].to(args.device))
         if method == "ptq":
             return {"model": convert_model(model.eval()), "steps": 0, "step_seconds": None}
     reg = MECRegularizer(model, cfg, teacher=teacher, seed=seed) if cfg is not None else None
@@ -206,7 +207,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
     if ckpt.exists():
         tensors = load_file(str(ckpt))
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("momentum::")})
-        _load_optimizer_tensors(model, opt, tensors)
+        _load_optimizer_tensors(model, opt, {k: v.to(args.device) for k, v in tensors.items()})
         done = json.loads(ckpt.with_suffix(".json").read_text())["steps_done"]
         with warnings.catch_warnings():  # fast-forwarding the schedule, no optimizer step is owed
             warnings.simplefilter("ignore", UserWarning)
@@ -223,6 +224,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
                 step += 1
                 continue
             t0 = time.perf_counter()
+            xb, yb = xb.to(args.device, non_blocking=True), yb.to(args.device, non_blocking=True)
             if reg is not None:
                 reg.set_progress(step, total)
             logits = model(xb)
@@ -236,6 +238,8 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
             loss.backward()
             opt.step()
             sched.step()
+            if args.device != "cpu":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             step += 1
             if step % 50 == 0:
@@ -415,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=fp_start)
     p = sub.add_parser("run", help="train and score methods from the FP start (resumable)")
     p.add_argument("--bits", nargs="+", default=["W2A2"])
@@ -429,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cifar10_resnet20.json"))
     p.set_defaults(func=run)
     p = sub.add_parser("diagnose", help="per-layer collapse statistics of FP, PTQ and trained runs")

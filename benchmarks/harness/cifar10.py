@@ -114,6 +114,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     """Top-1 accuracy of `model` (eval mode) on uint8 images `x`."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(normalize(xb)).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    device = next(model.parameters()).device
+    correct = sum(int((model(normalize(xb).to(device)).argmax(1).cpu() == yb).sum())
+                  for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     model.train(was_training)
     return correct / len(x)

@@ -23,6 +23,7 @@ from .modules.base import (
     settings_label,
 )
 from .modules.registry import (
+    bypassed_reason,
     fake_quantized_class_for,
     is_fake_quantized,
     is_supported_layer,
@@ -49,6 +50,11 @@ def _mec_quant_transform(module: nn.Module, config: MECQuantConfig) -> nn.Module
             raise ValueError(_ALREADY.format(layers=f"this layer: {settings_label(has)}, asked {settings_label(asked)}"))
         return module
     fq_cls = fake_quantized_class_for(module)
+    if fq_cls is None and bypassed_reason(module):
+        raise TypeError(
+            f"MECQuantConfig cannot quantize this {type(module).__name__}: its forward is bypassed by its "
+            f"parent ({bypassed_reason(module)}), so a fake quantizer there would never run."
+        )
     if fq_cls is None:
         raise TypeError(
             f"MECQuantConfig cannot quantize {type(module).__name__}; supported layer types: "
@@ -185,12 +191,19 @@ def prepare_model(
 
 def _warn_refused_subclasses(model: nn.Module) -> None:
     """One warning per class for subclasses of a supported type (e.g. nn.Conv2d) whose own
-    forward the plugin does not reproduce: they stay float rather than lose their behaviour."""
+    forward the plugin does not reproduce, and for layers whose forward their parent bypasses:
+    they stay float rather than lose their behaviour or pretend to be quantized."""
     refused: dict[tuple[type, type], list[str]] = {}
+    bypassed: dict[str, list[str]] = {}
     for name, mod in model.named_modules():
         base = refused_float_type(mod)
         if base is not None:
             refused.setdefault((type(mod), base), []).append(name)
+        if bypassed_reason(mod):
+            bypassed.setdefault(bypassed_reason(mod), []).append(name)
+    for why, names in bypassed.items():
+        logger.warning("Left in float: %d layer(s) whose forward their parent bypasses (%s): %s.",
+                       len(names), _names(names), why)
     for (cls, base), names in refused.items():
         shown = ", ".join(names[:4]) + (f", ... (+{len(names) - 4})" if len(names) > 4 else "")
         logger.warning(
@@ -264,6 +277,8 @@ def quantization_report(model: nn.Module) -> str:
             groups.setdefault(mod.bits_summary(), []).append(name)
         elif is_supported_layer(mod, name):
             groups.setdefault("float (not quantized)", []).append(name)
+        elif bypassed_reason(mod):
+            groups.setdefault("left in float, forward bypassed by its parent", []).append(name)
     lines = []
     for key, names in groups.items():
         shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else "")
@@ -273,7 +288,7 @@ def quantization_report(model: nn.Module) -> str:
         for m in model.modules()
         if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
         and not isinstance(m, (FakeQuantizedModule, WeightFakeQuantizer, ActivationFakeQuantizer))
-        and not is_supported_layer(m)
+        and not is_supported_layer(m) and not bypassed_reason(m)
     )
     if leaves:
         lines.append("left in float (type not quantizable): " + ", ".join(f"{k} x{v}" for k, v in sorted(leaves.items())))

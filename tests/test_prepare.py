@@ -267,3 +267,43 @@ def test_prepare_a_converted_model_is_an_error():
     convert_model(model)
     with pytest.raises(ValueError, match="converted"):
         prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=None))
+
+
+class _AttentionBlock(nn.Module):
+    """nn.MultiheadAttention between two Linear layers: MHA reads out_proj.weight directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_layers_whose_forward_the_parent_bypasses_stay_float_with_a_report_line(caplog):
+    # MHA's out_proj used to be reported as W2A2 while it trained in float, and convert_model then
+    # broke the model.
+    from mec_quant_plugin import convert_model
+
+    model = _AttentionBlock()
+    with caplog.at_level(logging.WARNING, logger="mec_quant_plugin"):
+        prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2, edge_layers="same"))
+    assert "attn.out_proj" in caplog.text
+    assert not isinstance(model.attn.out_proj, FakeQuantizedModule)
+    report = quantization_report(model)
+    assert "W2A2: 2 layers" in report and "attn.out_proj" not in report.split("\n")[0]
+    assert "forward bypassed by its parent: 1 layers (attn.out_proj" in report
+    x = torch.randn(2, 5, 8)
+    model.train()
+    model(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    convert_model(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+    with pytest.raises(TypeError, match="forward is bypassed by its parent"):  # torchao's entry point, named explicitly
+        quantize_(_AttentionBlock(), MECQuantConfig(), filter_fn=lambda m, n: n == "attn.out_proj")

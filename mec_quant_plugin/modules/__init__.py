@@ -6,8 +6,10 @@ from .conv2d import FakeQuantizedConv2d
 from .embedding import FakeQuantizedEmbedding
 from .linear import FakeQuantizedLinear
 from .registry import (
+    BYPASSED_FORWARD,
     FAKE_QUANTIZED_CLASSES,
     SUBCLASS_HANDLERS,
+    bypassed_reason,
     fake_quantized_class_for,
     is_fake_quantized,
     is_supported_layer,
@@ -18,6 +20,7 @@ from .registry import (
 from .static_padding_conv2d import FakeQuantizedStaticPaddingConv2d
 
 __all__ = [
+    "BYPASSED_FORWARD",
     "FAKE_QUANTIZED_CLASSES",
     "FakeQuantizedConv1D",
     "FakeQuantizedConv2d",
@@ -26,6 +29,7 @@ __all__ = [
     "FakeQuantizedModule",
     "FakeQuantizedStaticPaddingConv2d",
     "SUBCLASS_HANDLERS",
+    "bypassed_reason",
     "fake_quantized_class_for",
     "is_fake_quantized",
     "is_supported_layer",

@@ -6,6 +6,10 @@ override `forward` is accepted only by a handler registered for that pattern wit
 predicate (e.g. the static "same"-padding Conv2d of EfficientNet ports, see
 `static_padding_conv2d.py`); any other is refused (left in float, with a warning from
 `prepare_model`), because our fake-quantized forward would silently replace its own.
+
+Some layers are never called at all: their parent reads their weight directly (the `out_proj` of
+`nn.MultiheadAttention`). Fake-quantizing them would train them in float while reporting them as
+quantized, so they are not supported (`BYPASSED_FORWARD`, reported by `quantization_report`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ FAKE_QUANTIZED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 # (float base type, match predicate, fake-quantized class) for subclasses that override forward,
 # tried in registration order.
 SUBCLASS_HANDLERS: list[tuple[type[nn.Module], Callable[[nn.Module], bool], type[nn.Module]]] = []
+
+# Float types whose parent never calls their forward (it reads their weight itself) -> why.
+# NonDynamicallyQuantizableLinear is torch's marker class for exactly MHA's out_proj.
+BYPASSED_FORWARD: dict[type[nn.Module], str] = {
+    nn.modules.linear.NonDynamicallyQuantizableLinear: (
+        "nn.MultiheadAttention reads out_proj.weight and .bias directly and never calls out_proj's forward"
+    ),
+}
 
 T = TypeVar("T", bound=type)
 
@@ -53,6 +65,8 @@ def supported_type_names() -> list[str]:
 def fake_quantized_class_for(module: nn.Module) -> type[nn.Module] | None:
     """The fake-quantized class for `module`, or None when it is not supported."""
     cls = type(module)
+    if cls in BYPASSED_FORWARD:
+        return None
     if cls in FAKE_QUANTIZED_CLASSES:
         return FAKE_QUANTIZED_CLASSES[cls]
     if is_fake_quantized(module):
@@ -69,9 +83,14 @@ def fake_quantized_class_for(module: nn.Module) -> type[nn.Module] | None:
 def refused_float_type(module: nn.Module) -> type[nn.Module] | None:
     """The registered float type that `module` subclasses when it is refused for overriding
     `forward` in a way no handler reproduces; None for supported or unrelated modules."""
-    if is_fake_quantized(module) or fake_quantized_class_for(module) is not None:
+    if is_fake_quantized(module) or fake_quantized_class_for(module) is not None or bypassed_reason(module):
         return None
     return next((c for c in FAKE_QUANTIZED_CLASSES if isinstance(module, c)), None)
+
+
+def bypassed_reason(module: nn.Module) -> str | None:
+    """Why `module`'s parent never calls its forward (see `BYPASSED_FORWARD`), or None."""
+    return BYPASSED_FORWARD.get(type(module))
 
 
 def is_fake_quantized(module: nn.Module, fqn: str = "") -> bool:

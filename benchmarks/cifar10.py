@@ -191,7 +191,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
         with torch.no_grad():
             calibrate_activations(model, first[0].to(args.device))
         if method == "ptq":
-            return {"model": convert_model(model.eval()), "steps": 0, "step_seconds": None}
+            return {"model": convert_model(model.eval()), "steps": 0, "step_seconds": None, "config": cfg.to_dict()}
     reg = MECRegularizer(model, cfg, teacher=teacher, seed=seed) if cfg is not None else None
     quant_params = [p for n, p in model.named_parameters() if "fake_quantizer" in n]
     ids = {id(p) for p in quant_params}
@@ -256,7 +256,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
     if cfg is not None:
         model = convert_model(model.eval())
     return {"model": model, "steps": total, "step_seconds": round(statistics.median(times), 4) if times else None,
-            "log": log}
+            "config": None if cfg is None else cfg.to_dict(), "log": log}
 
 
 def _append_run(out: Path, header: dict, entry: dict) -> dict:

@@ -7,7 +7,7 @@ Two lines on top of an existing pipeline:
     model = convert_model(model)
 """
 
-from .api import calibrate_activations, convert_model, prepare_model, quantization_report
+from .api import calibrate_activations, convert_model, prepare_model
 from .checkpoint import convert_checkpoint
 from .config import MECQuantConfig
 from .integrations import MECQuantCallback, MECQuantTrainerMixin, from_pretrained, make_saveable
@@ -24,6 +24,7 @@ from .objective import (
     mixture_coding_length_loss,
 )
 from .quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
+from .report import quantization_report
 
 __version__ = "0.1.0"
 

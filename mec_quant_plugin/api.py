@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,7 @@ from .modules.registry import (
     refused_float_type,
     supported_type_names,
 )
-from .quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
+from .report import quantization_report
 
 logger = logging.getLogger("mec_quant_plugin")
 
@@ -264,35 +263,6 @@ def convert_model(model: nn.Module) -> nn.Module:
         for name in group[1:]:
             model.get_submodule(name)._parameters["weight"] = first._parameters["weight"]
     return model
-
-
-def quantization_report(model: nn.Module) -> str:
-    """Which layers are quantized at which bits, and which supported-or-not layers are not.
-
-    One line per group, e.g. `W2A2: 12 layers (model.layers.0.self_attn.q_proj, ...)`.
-    """
-    groups: dict[str, list[str]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, FakeQuantizedModule):
-            groups.setdefault(mod.bits_summary(), []).append(name)
-        elif is_supported_layer(mod, name):
-            groups.setdefault("float (not quantized)", []).append(name)
-        elif bypassed_reason(mod):
-            groups.setdefault("left in float, forward bypassed by its parent", []).append(name)
-    lines = []
-    for key, names in groups.items():
-        shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else "")
-        lines.append(f"{key}: {len(names)} layers ({shown})")
-    leaves = Counter(
-        type(m).__name__
-        for m in model.modules()
-        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
-        and not isinstance(m, (FakeQuantizedModule, WeightFakeQuantizer, ActivationFakeQuantizer))
-        and not is_supported_layer(m) and not bypassed_reason(m)
-    )
-    if leaves:
-        lines.append("left in float (type not quantizable): " + ", ".join(f"{k} x{v}" for k, v in sorted(leaves.items())))
-    return "\n".join(lines)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor 
     IntxUnpackedToInt8Tensor,
 )
 
-from .modules.base import FakeQuantizedModule
+from .modules.base import LEVELS_ATTR, FakeQuantizedModule
 from .quantizers import WeightFakeQuantizer
 
 
@@ -49,6 +49,7 @@ def convert_layer(module: FakeQuantizedModule) -> nn.Module:
             new_weight = to_intx_weight(module.weight, wfq)
         else:
             new_weight = wfq(module.weight.detach()).detach()
+            module.__dict__[LEVELS_ATTR] = "ternary" if wfq.ternary else str(wfq.bits)  # for the report
         module._parameters["weight"] = nn.Parameter(new_weight, requires_grad=False)
         module.register_module("weight_fake_quantizer", None)
     if module.activation_fake_quantizer is None:

@@ -104,6 +104,11 @@ class FakeQuantizedModule:
         return bits_label(w.bits, None if a is None else a.bits, ternary=w.ternary)
 
 
+# Set by `convert_layer` on a layer whose converted weight stays a float tensor (GPT-2's Conv1D):
+# the weight's levels, e.g. "2" or "ternary" (read by `quantization_report`).
+LEVELS_ATTR = "_mec_weight_levels"
+
+
 class LayerSettings(NamedTuple):
     """A layer's quantizer settings, comparable between a prepared layer and a config."""
 
@@ -153,7 +158,8 @@ def settings_label(settings: LayerSettings) -> str:
 
 
 def holds_converted_weight(module: nn.Module) -> bool:
-    """True for a layer whose weight is a torchao int tensor (converted or reloaded)."""
+    """True for a layer whose weight is a torchao int tensor (converted or reloaded), or a float
+    tensor holding the levels of a converted layer without torchao kernel (GPT-2's Conv1D)."""
     from torchao.utils import TorchAOBaseTensor
 
-    return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
+    return isinstance(getattr(module, "weight", None), TorchAOBaseTensor) or LEVELS_ATTR in module.__dict__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from .modules.registry import (
     refused_float_type,
     supported_type_names,
 )
+from .quantizers import ActivationFakeQuantizer
 from .report import quantization_report
 
 logger = logging.getLogger("mec_quant_plugin")
@@ -267,14 +269,48 @@ def convert_model(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, *args: Any, **kwargs: Any) -> None:
-    """Initialize every activation step size from one batch (`model(*args, **kwargs)`).
+    """Initialize every activation step size from one batch (`model(*args, **kwargs)`), and
+    change nothing else.
 
     Training does this on its first forward; call it explicitly to calibrate on chosen data or
-    before evaluating a freshly prepared model. Already initialized quantizers are left alone.
+    before evaluating a freshly prepared model. The forward runs in training mode (BatchNorm on
+    the batch's statistics, as training's first batch would), then every other buffer (BatchNorm
+    running statistics and counters), each module's train/eval mode and the random number
+    generators are restored. Already initialized quantizers are left alone; one the batch could
+    not calibrate (constant or non-finite inputs) is named in a warning and calibrates later.
+
+    Example:
+        >>> calibrate_activations(model, **next(iter(train_loader)))
     """
-    was_training = model.training
-    model.train()
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, ActivationFakeQuantizer)}
+    buffers = [
+        (mod, key, buf.clone())
+        for mod in model.modules()
+        if not isinstance(mod, ActivationFakeQuantizer)
+        for key, buf in mod._buffers.items()
+        if buf is not None
+    ]
+    modes = [(mod, mod.training) for mod in model.modules()]
+    accelerators = {p.device for p in model.parameters() if p.device.type != "cpu"}
+    device_type = next(iter(accelerators)).type if accelerators else "cuda"
     try:
-        model(*args, **kwargs)
+        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in accelerators}), device_type=device_type):
+            model.train()
+            model(*args, **kwargs)
     finally:
-        model.train(was_training)
+        for mod, training in modes:
+            mod.training = training
+        for mod, key, value in buffers:
+            current = mod._buffers.get(key)
+            if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                mod._buffers[key] = value
+    left = [name for name, q in quantizers.items() if not bool(q.initialized)]
+    if left:
+        warnings.warn(
+            f"calibrate_activations: {len(left)} activation quantizer(s) still uncalibrated ({_names(left)}): this "
+            "batch did not reach them or gave them constant / non-finite inputs; they calibrate on the next "
+            "training batch, or call calibrate_activations again with other data.",
+            stacklevel=3,
+        )

@@ -307,3 +307,42 @@ def test_layers_whose_forward_the_parent_bypasses_stay_float_with_a_report_line(
         assert torch.allclose(model(x), before, atol=1e-5)
     with pytest.raises(TypeError, match="forward is bypassed by its parent"):  # torchao's entry point, named explicitly
         quantize_(_AttentionBlock(), MECQuantConfig(), filter_fn=lambda m, n: n == "attn.out_proj")
+
+
+def _bn_dropout_mlp():
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16),
+                         nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_calibrate_activations_changes_only_the_activation_quantizers():
+    # It ran a train-mode forward: BatchNorm running statistics moved, dropout drew random numbers,
+    # an attached regularizer captured features (and warned about grad being off).
+    import warnings
+
+    from mec_quant_plugin import ActivationFakeQuantizer, MECRegularizer, calibrate_activations
+
+    model = _bn_dropout_mlp()
+    config = MECQuantConfig(weight_bits=2, act_bits=2)
+    prepare_model(model, config)
+    regularizer = MECRegularizer(model, config)
+    model.eval()
+    x = torch.randn(32, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate_activations(model, x)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".activation_fake_quantizer." in k for k in changed), changed
+    assert all(bool(m.initialized) for m in model.modules() if isinstance(m, ActivationFakeQuantizer))
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert regularizer.capture.pop() == {}
+
+
+def test_calibrate_activations_names_the_quantizers_a_degenerate_batch_left_uncalibrated():
+    from mec_quant_plugin import calibrate_activations
+
+    model = _bn_dropout_mlp()
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
+    with pytest.warns(UserWarning, match=r"still uncalibrated.*\b0\b"):
+        calibrate_activations(model, torch.zeros(4, 8))

@@ -186,6 +186,8 @@ class FeatureCapture:
         self.inputs = None
         if self.training_only and not module.training:
             return
+        if self.require_grad and not torch.is_grad_enabled():
+            return  # a whole forward without grad (calibration, a no_grad check) is no training step
         self.inputs = (args, kwargs)
         self._open = True
 

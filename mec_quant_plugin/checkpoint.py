@@ -49,8 +49,9 @@ def convert_checkpoint(
 
     Raises:
         FileNotFoundError: not a model folder, or no MECQuantConfig found.
-        ValueError: already converted, not a MEC-Quant checkpoint, an invalid config, or a checkpoint
-            that does not match the model prepared with that config.
+        ValueError: the output folder is the checkpoint or inside it (in-place conversion), already
+            converted, not a MEC-Quant checkpoint, an invalid config, or a checkpoint that does not
+            match the model prepared with that config.
     """
     import transformers
 
@@ -60,6 +61,10 @@ def convert_checkpoint(
     from .modules.registry import is_fake_quantized
 
     folder = Path(checkpoint)
+    out = Path(output_dir)
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise ValueError(f"output folder {str(output_dir)!r} is inside the checkpoint {str(checkpoint)!r}: converting in "
+                         "place would replace the training weights (and break resuming); choose another output folder.")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint!r} is not a model folder (no config.json).")
     if (folder / MEC_CONFIG_FILE).is_file():
@@ -75,8 +80,7 @@ def convert_checkpoint(
     try:
         config = MECQuantConfig.from_json(found.read_text())
     except (TypeError, ValueError) as exc:
-        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ValueError(f"{found}: not a valid MECQuantConfig: {first_line}") from exc
+        raise ValueError(f"{found}: not a valid MECQuantConfig: {exc}") from exc
     archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
@@ -102,7 +106,6 @@ def convert_checkpoint(
     model = convert_model(model.eval())
     make_saveable(model, config, run_info={"base_model": getattr(model.config, "_name_or_path", None) or None,
                                            "checkpoint": str(folder)})
-    out = Path(output_dir)
     model.save_pretrained(out)
     for item in folder.iterdir():  # tokenizer / image processor files saved with the checkpoint
         is_processing = item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template",

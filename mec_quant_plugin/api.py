@@ -13,12 +13,13 @@ from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .config import MECQuantConfig
-from .convert import convert_layer
+from .convert import convert_layer, nonfinite_message
 from .layer_policy import find_head_layer, find_input_layers
 from .modules.base import (
     FakeQuantizedModule,
     holds_converted_weight,
     layer_settings,
+    nonfinite_parameters,
     planned_settings,
     settings_label,
 )
@@ -253,10 +254,19 @@ def convert_model(model: nn.Module) -> nn.Module:
         >>> model = convert_model(model)  # after training
 
     Raises:
-        ValueError: the model holds no fake-quantized layer (nothing to convert).
+        ValueError: the model holds no fake-quantized layer (nothing to convert); a weight, bias or
+            step size of one holds NaN/inf (checked for every layer before any is converted).
     """
     if not any(is_fake_quantized(m) for m in model.modules()):
         raise ValueError("convert_model found no fake-quantized layer: call prepare_model first.")
+    bad = [
+        f"{name}.{param}" if name else param
+        for name, mod in model.named_modules()
+        if is_fake_quantized(mod)
+        for param in nonfinite_parameters(mod)
+    ]
+    if bad:
+        raise ValueError(nonfinite_message(bad))
     names = {id(m): n for n, m in model.named_modules()}
     tied = [[names[id(m)] for m in mods] for mods in _tied_groups(model)]
     quantize_(model, MECQuantConfig(step="convert"), filter_fn=is_fake_quantized)

@@ -22,6 +22,7 @@ from .options import (
     EDGE_LAYER_POLICIES,
     LAMBDA_MODES,
     LAYER_TARGETS,
+    NONFINITE_POLICIES,
     ROUTINGS,
     STEPS,
     TAPS,
@@ -95,6 +96,15 @@ class MECQuantConfig(AOBaseConfig):
             "literature's W8A8, and float where the body is float, so weight_bits=None, act_bits=None "
             "quantizes nothing), '8bit' (W8, plus A8 when act_bits is set, whatever the body does), "
             "'float' (left unquantized) or 'same' (quantized like the rest)."
+        },
+    )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A Trainer step whose gradients are NaN/inf (the callback and the mixin check before the "
+            "optimizer step): 'stop' raises FloatingPointError naming the step and the parameters, before "
+            "anything is updated; 'skip' drops that update (weights, step sizes and optimizer state unchanged) "
+            "with a warning. Under fp16 mixed precision the GradScaler skips such steps itself."
         },
     )
     step: str = field(
@@ -234,6 +244,7 @@ class MECQuantConfig(AOBaseConfig):
                 f"edge_layers must be None (8 bits for what the body quantizes) or one of "
                 f"{list(EDGE_LAYER_POLICIES)}, got {self.edge_layers!r}."
             )
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         check_choice("step", self.step, STEPS)
         _check_positive("mec_weight", self.mec_weight, allow_zero=True)
         check_choice("mec_view", self.mec_view, VIEWS)

@@ -13,7 +13,7 @@ from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor 
     IntxUnpackedToInt8Tensor,
 )
 
-from .modules.base import LEVELS_ATTR, FakeQuantizedModule
+from .modules.base import LEVELS_ATTR, FakeQuantizedModule, nonfinite_parameters
 from .quantizers import WeightFakeQuantizer
 
 
@@ -42,7 +42,13 @@ def convert_layer(module: FakeQuantizedModule) -> nn.Module:
     the fake-quantized class stays (weight quantizer removed) so the input keeps being quantized
     at inference with the learned step. Conv1D (GPT-2) keeps a dequantized float weight: torchao
     has no kernel for its transposed `addmm` layout.
+
+    Raises:
+        ValueError: a weight, bias or step size holds NaN/inf (it would be stored as garbage codes).
     """
+    bad = nonfinite_parameters(module)
+    if bad:
+        raise ValueError(nonfinite_message(bad))
     wfq = module.weight_fake_quantizer
     if wfq is not None:
         if module.weight_channel_axis == 0:
@@ -55,3 +61,13 @@ def convert_layer(module: FakeQuantizedModule) -> nn.Module:
     if module.activation_fake_quantizer is None:
         return module.to_float()
     return module
+
+
+def nonfinite_message(names: list[str]) -> str:
+    """The error for NaN/inf parameters found at convert (names shown, at most 6)."""
+    shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else "")
+    return (
+        f"Cannot convert: {len(names)} non-finite (NaN/inf) parameter(s): {shown}. They would be stored as "
+        "meaningless int codes or scales. Training diverged: convert an earlier checkpoint, or train again with "
+        "a lower learning rate (MECQuantConfig(on_nonfinite='stop') stops the Trainer at the first such step)."
+    )

@@ -25,6 +25,7 @@ TAP_SIDES = ("input", "output")
 LAMBDA_MODES = ("fixed", "adaptive")
 ROUTINGS = ("magnitude", "gate", "features")
 LAYER_TARGETS = ("activations", "weights")  # what the per-layer coding length codes (objective/layerwise.py)
+NONFINITE_POLICIES = ("stop", "skip")  # a training step with NaN/inf gradients (integrations/trainer.py)
 
 
 def check_bits(name: str, value: Any, allow_none: bool = False) -> None:

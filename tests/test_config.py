@@ -59,6 +59,7 @@ def test_unknown_json_field_is_named():
     (dict(mec_label_weight=float("nan")), TypeError, "mec_label_weight must be a finite number, got nan"),
     (dict(distill_weight=-1), ValueError, "distill_weight must be >= 0, got -1"),
     (dict(distill_temperature=0.0), ValueError, "distill_temperature must be > 0, got 0.0"),
+    (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite must be one of \\['stop', 'skip'\\], got 'ignore'"),
 ])
 def test_bad_values_name_the_value_and_the_allowed_ones(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

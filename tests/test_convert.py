@@ -109,3 +109,23 @@ def test_per_group_convert():
 def test_convert_without_prepare_is_an_error():
     with pytest.raises(ValueError, match="call prepare_model first"):
         convert_model(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("where", ["weight", "weight step", "activation step", "activation offset"])
+def test_convert_refuses_non_finite_weights_and_step_sizes(where):
+    # convert (and save) used to succeed with NaN scales.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2, act_signedness="signed"))
+    model.train()
+    model(torch.randn(8, 4))  # calibrate
+    layer = model[1]
+    tensor = {"weight": layer.weight, "weight step": layer.weight_fake_quantizer.scale,
+              "activation step": layer.activation_fake_quantizer.scale,
+              "activation offset": layer.activation_fake_quantizer.offset}[where]
+    with torch.no_grad():
+        tensor.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite.*\b1\.(weight|weight_fake_quantizer\.scale|activation_fake_quantizer\.(scale|offset))\b"):
+        convert_model(model)
+    assert all(m.weight_fake_quantizer is not None for m in model)  # nothing was converted
+    with pytest.raises(ValueError, match="non-finite"):  # torchao's entry point
+        quantize_(model, MECQuantConfig(step="convert"), filter_fn=is_fake_quantized)

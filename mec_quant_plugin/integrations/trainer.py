@@ -71,6 +71,8 @@ class MECTrainingTerm:
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._warned: set[str] = set()
+        self.converted = False  # by `convert`, at the end of a train()
+        self.skipped_steps = 0  # non-finite steps dropped under on_nonfinite='skip'
 
     # ---- set-up ----------------------------------------------------------------------------
     def setup(self, trainer: Any, model: nn.Module) -> None:
@@ -141,6 +143,62 @@ class MECTrainingTerm:
             )
         return loss + term / divisor
 
+    # ---- guards ----------------------------------------------------------------------------
+    def check_can_train(self) -> None:
+        """Refuse to train a model this term converted at the end of a previous `train()`.
+
+        Raises:
+            RuntimeError: the model holds torchao int weights now; training it would update only
+                the float norms and activation step sizes.
+        """
+        if self.converted:
+            raise RuntimeError(
+                f"{self.owner}: the model was converted to torchao int weights at the end of the previous train(); "
+                "a second train() would update only its norms and activation step sizes. Build a new Trainer from "
+                "the float model (or a training checkpoint), or turn the conversion off (MECQuantCallback("
+                "convert_on_train_end=False) / mec_convert_on_train_end=False) and call convert_model(model) after "
+                "the last train()."
+            )
+
+    def guard_step(self, trainer: Any, model: nn.Module, step: int) -> None:
+        """Before the optimizer step: stop (`on_nonfinite='stop'`) or drop the update (`'skip'`)
+        when a gradient is NaN/inf, so NaN never reaches the weights or the step sizes.
+
+        Raises:
+            FloatingPointError: non-finite gradients under 'stop'; non-finite BatchNorm running
+                statistics under either policy (the forward wrote them: skipping cannot undo that).
+        """
+        if internals.grad_scaler_active(trainer):
+            return  # fp16 mixed precision: the GradScaler skips non-finite steps itself
+        grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all())
+        statistics = nonfinite_running_statistics(model)
+        if finite and not statistics:
+            return
+        bad = [name for name, g in grads if not torch.isfinite(g).all()]
+        problems = []
+        if bad:
+            problems.append(f"non-finite gradients in {len(bad)} parameter(s) ({_shown(bad)})")
+        if statistics:
+            problems.append(
+                f"non-finite running statistics in {_shown(statistics)} (written by the forward: skipping the "
+                "update cannot undo them)"
+            )
+        what = f"{self.owner}, step {step}: " + "; ".join(problems)
+        if self.config.on_nonfinite == "stop" or statistics:
+            raise FloatingPointError(
+                f"{what}. Training stopped before the optimizer step, so this step changed no weight or step size. "
+                "Look for NaN/inf in the batch or a too-high learning rate"
+                + ("." if statistics else "; MECQuantConfig(on_nonfinite='skip') drops such steps instead.")
+            )
+        for p in model.parameters():
+            p.grad = None  # torch optimizers leave parameters without a gradient (and their state) alone
+        self.skipped_steps += 1
+        logger.warning(
+            "%s: skipped step %d (on_nonfinite='skip'): %s; weights, step sizes and optimizer state unchanged "
+            "(%d step(s) skipped so far).", self.owner, step, "; ".join(problems), self.skipped_steps,
+        )
+
     def set_progress(self, step: int, max_steps: int) -> None:
         if self.regularizer is not None:
             self.regularizer.set_progress(step, max(max_steps, 1))
@@ -168,7 +226,22 @@ class MECTrainingTerm:
         if log_history:
             info.setdefault("metrics", {k: v for k, v in log_history[-1].items() if isinstance(v, (int, float))})
         make_saveable(model, self.config, run_info=info)
+        self.converted = True
         logger.info("%s: converted the model to torchao int weights at the end of training.", self.owner)
+
+
+def nonfinite_running_statistics(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm-style running statistics (`running_mean` / `running_var`) holding NaN/inf."""
+    return [
+        f"{name}.{key}" if name else key
+        for name, mod in model.named_modules()
+        for key in ("running_mean", "running_var")
+        if isinstance(getattr(mod, key, None), torch.Tensor) and not torch.isfinite(getattr(mod, key)).all()
+    ]
+
+
+def _shown(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
 
 
 class MECQuantCallback(TrainerCallback):
@@ -189,11 +262,17 @@ class MECQuantCallback(TrainerCallback):
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[MECQuantCallback(MECQuantConfig())])
 
+    Before every optimizer step it checks the gradients: NaN/inf stops training with a
+    FloatingPointError, or drops that update with `MECQuantConfig(on_nonfinite="skip")`.
+
     Raises:
         ValueError: the Trainer got `optimizers=` or `model_init` and the model is not prepared
             (the message says to call `prepare_model` first).
         TransformersInternalsError: a transformers internal the callback relies on is missing
             (the message names it; `MECQuantTrainerMixin` avoids them).
+        FloatingPointError: (from `train()`) a step with NaN/inf gradients, under on_nonfinite='stop'.
+        RuntimeError: (from `train()`) a second train() after the model was converted at the end
+            of the first.
     """
 
     def __init__(
@@ -249,6 +328,15 @@ class MECQuantCallback(TrainerCallback):
         return output
 
     # ---- schedule, logging, end ------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.term.check_can_train()
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.term.guard_step(self.trainer, model, state.global_step + 1)
+        return control
+
     def on_step_begin(self, args, state, control, **kwargs):
         self.term.set_progress(state.global_step, state.max_steps)
         return control

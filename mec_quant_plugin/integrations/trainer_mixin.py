@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from ..config import MECQuantConfig
 from ..objective import MECRegularizer
@@ -71,6 +72,7 @@ class MECQuantTrainerMixin:
         self.mec_run_info = dict(mec_run_info or {})
         self.mec_term = MECTrainingTerm(self.mec_config, "MECQuantTrainerMixin")
         self.mec_term.setup(self, self.model)
+        self.add_callback(_StepGuard(self))
 
     @property
     def mec_regularizer(self) -> MECRegularizer | None:
@@ -111,8 +113,27 @@ class MECQuantTrainerMixin:
         super().log(logs, *args, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's train; then, with `mec_convert_on_train_end`, torchao int weights."""
+        """The Trainer's train; then, with `mec_convert_on_train_end`, torchao int weights.
+
+        Raises:
+            RuntimeError: the model was converted at the end of a previous train().
+            FloatingPointError: a step with NaN/inf gradients, under on_nonfinite='stop'.
+        """
+        self.mec_term.check_can_train()
         output = super().train(*args, **kwargs)
         if self.mec_convert_on_train_end:
             self.mec_term.convert(self.model, self.mec_run_info, self.state.log_history)
         return output
+
+
+class _StepGuard(TrainerCallback):
+    """The mixin's NaN/inf check before each optimizer step (`on_pre_optimizer_step` is a public
+    callback event; the Trainer has no public method between backward and the optimizer step)."""
+
+    def __init__(self, trainer: MECQuantTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.trainer.mec_term.guard_step(self.trainer, model, state.global_step + 1)
+        return control

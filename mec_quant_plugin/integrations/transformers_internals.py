@@ -17,13 +17,14 @@ the plugin silently skipping what it does there.
 | `hook_loss_divisor`           | how `Trainer.compute_loss` scales a loss given `num_items_in_batch` |
 | `compute_loss_divisor`        | how `Trainer.training_step` scales `compute_loss`'s result     |
 | `add_to_logged_entry`         | `Trainer.log` appends its copy to `log_history` before `on_log` |
+| `grad_scaler_active`          | `Trainer.accelerator.scaler`: accelerate's fp16 GradScaler     |
 | `attach_torchao_quantizer`    | `model.hf_quantizer` / `is_quantized`, the quantizer's `get_state_dict_and_metadata` |
 | `wrap_save_pretrained`        | `Trainer.save_model` / `push_to_hub` call `model.save_pretrained` |
 
 `make_saveable` uses the two saving ones; `MECQuantCallback` every Trainer one but
 `compute_loss_divisor`. `MECQuantTrainerMixin` overrides public Trainer methods (`compute_loss`,
 `get_decay_parameter_names`, `log`, `train`) and needs only the two loss-kwargs ones,
-`check_trainer_builds_nothing` and `compute_loss_divisor`.
+`check_trainer_builds_nothing`, `compute_loss_divisor` and `grad_scaler_active`.
 """
 
 from __future__ import annotations
@@ -208,6 +209,12 @@ def compute_loss_divisor(trainer: Any, num_items_in_batch: Any) -> float:
     return float(getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps)
 
 
+def grad_scaler_active(trainer: Any) -> bool:
+    """True when the Trainer's accelerator runs an fp16 GradScaler: it skips steps with inf/NaN
+    gradients itself (and lowers its scale), so such gradients are expected there, not an error."""
+    return getattr(getattr(trainer, "accelerator", None), "scaler", None) is not None
+
+
 def add_to_logged_entry(state: Any, logs: dict[str, float]) -> None:
     """Add keys, from a callback's `on_log`, to the entry `Trainer.log` appended to
     `state.log_history` before calling `on_log` (the reporters get `logs` itself)."""
@@ -240,19 +247,22 @@ def attach_torchao_quantizer(model: nn.Module, quantization_config: Any, state_d
 _SAVE_MARK = "_mec_quant_save_wrapped"
 
 
-def wrap_save_pretrained(model: nn.Module, after_save: Callable[[nn.Module, str | os.PathLike], None]) -> None:
-    """Make `model.save_pretrained` (which `Trainer.save_model` and `push_to_hub` call) also run
-    `after_save(model, folder)` on the main process; wrapping twice is a no-op."""
+def wrap_save_pretrained(
+    model: nn.Module, save: Callable[[nn.Module, Callable[[str | os.PathLike], Any], str | os.PathLike], Any]
+) -> None:
+    """Make `model.save_pretrained` (which `Trainer.save_model` and `push_to_hub` call) go through
+    `save(model, write_weights, folder)` on the main process, where `write_weights(dir)` is
+    transformers' own save into `dir` (so `save` can write elsewhere first and swap the folder in);
+    wrapping twice is a no-op."""
     if getattr(model.save_pretrained, _SAVE_MARK, False):
         return
     original = type(model).save_pretrained
 
     @functools.wraps(original)
     def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
-        result = original(model, save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            after_save(model, save_directory)
-        return result
+        if not kwargs.get("is_main_process", True):
+            return original(model, save_directory, *args, **kwargs)
+        return save(model, lambda folder: original(model, folder, *args, **kwargs), save_directory)
 
     setattr(save_pretrained, _SAVE_MARK, True)
     model.save_pretrained = save_pretrained

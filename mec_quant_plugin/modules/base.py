@@ -163,3 +163,8 @@ def holds_converted_weight(module: nn.Module) -> bool:
     from torchao.utils import TorchAOBaseTensor
 
     return isinstance(getattr(module, "weight", None), TorchAOBaseTensor) or LEVELS_ATTR in module.__dict__
+
+
+def nonfinite_parameters(module: nn.Module) -> list[str]:
+    """Names (relative to `module`) of its parameters holding NaN/inf: weight, bias, step sizes."""
+    return [name for name, p in module.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]

@@ -67,6 +67,11 @@ class RunArguments:
         default=None,
         metadata={"help": f"Output folder (default: {DEFAULT_DEMO_DIR} for the built-in job, else outputs/mec-quant-<model>)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty --output-dir that is not a mec-quant run (its files may be replaced). "
+                  "The --model folder is never written to."},
+    )
     push_to_hub: str | None = field(default=None, metadata={"help": "After training, push the quantized model to this Hub repo."})
     quick: bool = field(default=False, metadata={"help": "Built-in default job only: a few steps on a few hundred images (smoke test)."})
 

@@ -85,6 +85,25 @@ def _resolve_task(parser: argparse.ArgumentParser, model: str, dataset: str | No
     return task
 
 
+def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str, model: str, run: RunArguments,
+                      resume: str | None) -> None:
+    """Refuse to write where a user's data would be lost: into the --model folder (always), or into a
+    non-empty folder that is not a mec-quant run unless --overwrite-output-dir. A run is recognised by
+    the TRAIN_CONFIG_FILE that `train` writes into its output folder first."""
+    out = Path(output_dir).resolve()
+    if os.path.isdir(model):
+        base = Path(model).resolve()
+        if out == base or base in out.parents:
+            parser.error(f"--output-dir {output_dir!r} is (inside) the --model folder {model!r}: the base model would "
+                         "be overwritten; choose another --output-dir.")
+    if not out.is_dir() or not any(out.iterdir()) or (out / TRAIN_CONFIG_FILE).is_file() or run.overwrite_output_dir:
+        return
+    if resume and out in Path(resume).resolve().parents:
+        return  # resuming a run whose checkpoints live in this folder
+    parser.error(f"--output-dir {output_dir!r} is not empty and is not a mec-quant run (no {TRAIN_CONFIG_FILE}): "
+                 "its files would be replaced; choose another folder or pass --overwrite-output-dir.")
+
+
 def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     from ..config import MECQuantConfig
 
@@ -113,6 +132,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
 
     task = _resolve_task(parser, data.model, data.dataset, data.task)
     output_dir = run.output_dir or f"outputs/mec-quant-{Path(data.model.rstrip('/')).name}"
+    _check_output_dir(parser, output_dir, data.model, run, opts.resume_from_checkpoint)
     try:
         prepared = prepare_task(task, data.model, data, seed=opts.seed, train_split=data.train_split,
                                 eval_split=data.eval_split)

@@ -9,6 +9,12 @@ What a saved folder holds:
   `mec_quant_activations.safetensors`; `from_pretrained` below reads both;
 - `README.md`: a model card generated from the run.
 
+A save is atomic as a whole: everything is written into a temporary sibling folder, which then
+replaces the target (files of the target that are not part of a model, such as checkpoints, are
+moved over); an interrupted or failed save (a full disk included) leaves the previous folder as it
+was. `mec_quant_config.json` holds a fingerprint of the weights files it was saved with, and
+`from_pretrained` refuses files that do not belong together. Non-finite weights are never saved.
+
 Why a wrapper around `save_pretrained` (set on the instance, so `Trainer.save_model` and
 `push_to_hub`, which both call `model.save_pretrained`, write our files too): transformers'
 tied-weight deduplication identifies tensors by storage pointer, which torchao's wrapper tensors
@@ -19,9 +25,14 @@ of transformers internals live in `transformers_internals.py`.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +100,7 @@ def make_saveable(
     model.__dict__["_mec_quant_config"] = config
     model.__dict__["_mec_quant_run_info"] = dict(run_info or {})
     if hasattr(model, "save_pretrained"):
-        wrap_save_pretrained(model, write_mec_files)
+        wrap_save_pretrained(model, save_atomically)
     return model
 
 
@@ -112,6 +123,80 @@ class _TiedFreeView:
         return state
 
 
+# What a save writes: left out when the other files of a folder saved over are moved over.
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md")
+
+
+def _is_model_file(name: str) -> bool:
+    return name in _MODEL_FILES or name in (MEC_CONFIG_FILE, ACTIVATIONS_FILE) or (
+        name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _non_finite(model: nn.Module) -> list[str]:
+    """Names of state-dict entries holding NaN/inf (the inner tensors of torchao tensors included)."""
+    bad = []
+    for name, value in model.state_dict().items():
+        parts = [value]
+        if hasattr(value, "__tensor_flatten__"):
+            parts = [getattr(value, attr) for attr in value.__tensor_flatten__()[0]]
+        if any(p.is_floating_point() and not bool(torch.isfinite(p).all()) for p in parts if isinstance(p, torch.Tensor)):
+            bad.append(name)
+    return bad
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str | None:
+    """sha256 over the folder's `model*.safetensors` files (names and bytes); None when there are none."""
+    files = sorted(p for p in Path(folder).glob("model*.safetensors") if p.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def save_atomically(model: nn.Module, write_weights: Callable[[str | os.PathLike], Any],
+                    save_directory: str | os.PathLike) -> Any:
+    """Save a whole model folder or nothing: `write_weights(tmp)` (transformers' save) and our files
+    go into a temporary sibling folder, which then takes the target's place; the target's files that
+    belong to no model (checkpoints, the CLI's run files, notes) are moved into the new folder.
+
+    Raises:
+        ValueError: non-finite weights or step sizes (checked before anything is written).
+        OSError: errno ENOSPC with a message saying the disk is full and nothing was changed.
+    """
+    bad = _non_finite(model)
+    if bad:
+        raise ValueError(f"refusing to save non-finite (NaN/inf) weights or step sizes: {', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}; nothing was written.")
+    target = Path(save_directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.mec-saving-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        result = write_weights(tmp)
+        write_mec_files(model, tmp)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device while saving to {target}: nothing was changed "
+                          "(the partial copy was removed); free some space and save again.") from exc
+        raise
+    if not target.exists():
+        os.replace(tmp, target)
+        return result
+    old = target.parent / f".{target.name}.mec-replaced-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    os.replace(tmp, target)  # between these two renames the complete old folder is `old`
+    for item in old.iterdir():
+        if not _is_model_file(item.name) and not (target / item.name).exists():
+            os.replace(item, target / item.name)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
 def write_mec_files(model: nn.Module, save_directory: str | os.PathLike) -> None:
     """Write `mec_quant_config.json`, `mec_quant_activations.safetensors` and README.md."""
     config: MECQuantConfig = model.__dict__.get("_mec_quant_config") or MECQuantConfig()
@@ -122,6 +207,7 @@ def write_mec_files(model: nn.Module, save_directory: str | os.PathLike) -> None
         "format_version": 1,
         "mec_quant_config": config.to_dict(),
         "activation_quantizers": activation_layout(model),
+        "weights_fingerprint": weights_fingerprint(path),  # of the weights saved alongside, if any
     }
     act_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if _ACT_KEY in k}
     # Each file is written under a temporary name and renamed: a killed save leaves the previous
@@ -191,6 +277,18 @@ def model_class_from_config(folder: str | os.PathLike) -> type[nn.Module]:
     return cls
 
 
+def check_fingerprint(folder: str | os.PathLike) -> None:
+    """Raise ValueError when `mec_quant_config.json` was saved with other weights than the folder's
+    (e.g. a save interrupted by an older version of the plugin); folders saved before fingerprints pass."""
+    meta_path = Path(folder) / MEC_CONFIG_FILE
+    if not meta_path.is_file():
+        return  # restore_activation_quantizers says the folder was not saved by the plugin
+    expected = json.loads(meta_path.read_text()).get("weights_fingerprint")
+    if expected is not None and weights_fingerprint(folder) != expected:
+        raise ValueError(f"{meta_path.name} and {ACTIVATIONS_FILE} in {folder} do not belong to the weights "
+                         "(model*.safetensors) next to them: the folder mixes two saves; save the model again.")
+
+
 def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
     """Load a model saved by this plugin, restoring the learned activation quantizers too.
 
@@ -202,7 +300,8 @@ def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
         >>> model = mec_quant_plugin.from_pretrained("user/resnet-w2a2-mec")
 
     Raises:
-        ValueError: config.json names no architecture transformers knows.
+        ValueError: config.json names no architecture transformers knows, or the plugin's files
+            were saved with other weights than the folder holds (see `check_fingerprint`).
     """
     folder = Path(path_or_repo_id)
     if not folder.is_dir():
@@ -211,6 +310,7 @@ def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
         folder = Path(snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
         # only safetensors and JSON are fetched: nothing is ever unpickled
     cls = model_class_from_config(folder)
+    check_fingerprint(folder)
     kwargs.setdefault("trust_remote_code", False)
     model = cls.from_pretrained(str(folder), **kwargs)
     restore_activation_quantizers(model, folder)

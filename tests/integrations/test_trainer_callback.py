@@ -3,12 +3,13 @@ weight-decay groups, gradient accumulation semantics, and the errors where it ca
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from tiny_models import TINY_MODELS
-from trainer_helpers import check_trained_with_the_term, dataset_like, make_trainer
+from trainer_helpers import check_trained_with_the_term, dataset_like, make_trainer, training_arguments
 from transformers import Trainer, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig, prepare_model
@@ -46,12 +47,22 @@ def test_every_regularizer_statistic_reaches_the_logs(tmp_path):
 
 
 def test_eval_loss_is_the_task_loss(tmp_path):
-    trainer, cb, ds = make_trainer("llama", str(tmp_path))
-    model = trainer.model
-    metrics = trainer.evaluate()
-    model.eval()
+    # Against an UNHOOKED copy: recomputing with the hooked model itself would show a term leaking
+    # into the eval loss on both sides.
+    model, batch = TINY_MODELS["llama"]()
+    reference = copy.deepcopy(model)
+    ds = dataset_like(batch)
+    config = MECQuantConfig(weight_bits=2, act_bits=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, args=training_arguments(str(tmp_path)), train_dataset=ds, eval_dataset=ds,
+                          callbacks=[MECQuantCallback(config)])
+        metrics = trainer.evaluate()  # calibrates the activation steps on the first eval batch
+    prepare_model(reference, config)
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
     with torch.no_grad():
-        losses = [model(**{k: v for k, v in ds[i : i + 4].items()}).loss for i in range(0, 16, 4)]
+        losses = [reference(**{k: v for k, v in ds[i : i + 4].items()}).loss for i in range(0, 16, 4)]
     assert metrics["eval_loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
 
 

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from mec_quant_plugin.data.images import ImageTensorDataset, decode_images, random_crop_flip
+from mec_quant_plugin.data.images import DecodedImageDataset, decode_images, random_crop_flip
 
 
 def _image_dataset(n: int = 6) -> tuple[Dataset, np.ndarray]:
@@ -77,10 +77,10 @@ def test_random_crop_flip_is_reproducible_from_the_generator():
 
 def test_image_tensor_dataset_augments_only_when_asked():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(2, 3, 8, 8)
-    plain = ImageTensorDataset(x, [0, 1])
+    plain = DecodedImageDataset(x, [0, 1])
     assert torch.equal(plain[1]["image"], x[1]) and int(plain[1]["labels"]) == 1
     torch.manual_seed(0)
-    augmented = ImageTensorDataset(x, [0, 1], augment=True)
+    augmented = DecodedImageDataset(x, [0, 1], augment=True)
     assert any(not torch.equal(augmented[0]["image"], x[0]) for _ in range(10))
     with pytest.raises(ValueError, match="uint8"):
-        ImageTensorDataset(x.float(), [0, 1])
+        DecodedImageDataset(x.float(), [0, 1])

@@ -77,12 +77,12 @@ DECODE_ONCE_MAX_BYTES = 2 * 1024**3
 
 
 def _decoded_image_sets(train, evals, image_col: str, label_col: str, label_map, *, augment: bool):
-    """Train/eval as `ImageTensorDataset`s of images decoded ONCE (cached; see data/images.py),
+    """Train/eval as `DecodedImageDataset`s of images decoded ONCE (cached; see data/images.py),
     the training set randomly cropped and flipped per item when `augment`; None when the images
     differ in size or would not fit the decode-once budget (the per-image path is used then)."""
     import logging
 
-    from ..data.images import ImageTensorDataset, decode_images
+    from ..data.images import DecodedImageDataset, decode_images
 
     logger = logging.getLogger("mec_quant_plugin")
     sets = []
@@ -102,7 +102,7 @@ def _decoded_image_sets(train, evals, image_col: str, label_col: str, label_map,
             logger.info("images not decoded once (%s); decoding per batch without augmentation", exc)
             return None
         labels = [label_map[v] for v in ds[label_col]] if label_map is not None else [int(v) for v in ds[label_col]]
-        sets.append(ImageTensorDataset(images, labels, augment=aug))
+        sets.append(DecodedImageDataset(images, labels, augment=aug))
     return sets[0], sets[1]
 
 

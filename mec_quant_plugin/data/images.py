@@ -101,13 +101,13 @@ def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generato
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-class ImageTensorDataset(torch.utils.data.Dataset):
+class DecodedImageDataset(torch.utils.data.Dataset):
     """Decoded images (uint8 (N, C, H, W)) and labels as a torch Dataset of
     `{"image": uint8 CxHxW tensor, "labels": int}`, randomly cropped (after `padding` zero pixels)
     and flipped per item when `augment` (training only); the collator turns them into model inputs.
 
     Example:
-        >>> ds = ImageTensorDataset(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), [0, 1, 2, 3], augment=True)
+        >>> ds = DecodedImageDataset(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), [0, 1, 2, 3], augment=True)
         >>> ds[0]["image"].shape
         torch.Size([3, 32, 32])
     """

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -104,6 +105,18 @@ def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str, model: s
                  "its files would be replaced; choose another folder or pass --overwrite-output-dir.")
 
 
+def _check_training_options(parser: argparse.ArgumentParser, opts: TrainOptions) -> None:
+    """Ordinary mistakes in the training options as one usage line, before anything is loaded."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(opts, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}.")
+    if not math.isfinite(opts.learning_rate) or opts.learning_rate <= 0:
+        parser.error(f"--learning-rate must be a positive number, got {opts.learning_rate}.")
+    resume = opts.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
+        parser.error(f"--resume-from-checkpoint {resume!r}: no such folder (give a checkpoint-N folder of an earlier run).")
+
+
 def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     from ..config import MECQuantConfig
 
@@ -130,6 +143,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
         if getattr(data, name) is not None and getattr(data, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(data, name)}.")
 
+    _check_training_options(parser, opts)
     task = _resolve_task(parser, data.model, data.dataset, data.task)
     output_dir = run.output_dir or f"outputs/mec-quant-{Path(data.model.rstrip('/')).name}"
     _check_output_dir(parser, output_dir, data.model, run, opts.resume_from_checkpoint)
@@ -157,11 +171,14 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
         run_info["repo_id"] = run.push_to_hub
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / TRAIN_CONFIG_FILE).write_text(config.to_json())
-    trainer = Trainer(
-        model=prepared.model, args=args, train_dataset=prepared.train, data_collator=prepared.collator,
-        processing_class=prepared.processing_class,
-        callbacks=[MECQuantCallback(config, run_info=run_info), _save_train_config_callback(config)],
-    )
+    try:  # the callback prepares the model here: e.g. a --group-size that does not divide a layer
+        trainer = Trainer(
+            model=prepared.model, args=args, train_dataset=prepared.train, data_collator=prepared.collator,
+            processing_class=prepared.processing_class,
+            callbacks=[MECQuantCallback(config, run_info=run_info), _save_train_config_callback(config)],
+        )
+    except (TypeError, ValueError) as exc:
+        parser.error(f"cannot prepare {data.model!r} with these settings: {first_line(exc)}")
     trainer.train(resume_from_checkpoint=opts.resume_from_checkpoint)
     model = trainer.model  # converted to torchao int weights by the callback at the end of training
     metrics = evaluate(model, prepared.eval, prepared.collator, task, args.per_device_eval_batch_size)

@@ -78,6 +78,23 @@ def _load_optimizer_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer, 
             opt.state[params[key.split("::", 1)[1]]]["momentum_buffer"] = buf.clone()
 
 
+def _resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, device: str, key: str,
+            steps_per_unit: int) -> int:
+    """Load a progress checkpoint (weights, momentum buffers) if there is one, fast-forward the
+    schedule, and return how many units (`key` in its JSON: epochs or steps) were done."""
+    if not ckpt.exists():
+        return 0
+    tensors = load_file(str(ckpt))
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("momentum::")})
+    _load_optimizer_tensors(model, opt, {k: v.to(device) for k, v in tensors.items()})
+    done = json.loads(ckpt.with_suffix(".json").read_text())[key]
+    with warnings.catch_warnings():  # fast-forwarding the schedule, no optimizer step is owed
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done * steps_per_unit):
+            sched.step()
+    return done
+
+
 def fp_start(args: argparse.Namespace) -> None:
     """Train (or resume) the FP ResNet-20 and cache it as WORK/fp-start.safetensors (+ .json)."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -97,16 +114,8 @@ def fp_start(args: argparse.Namespace) -> None:
     total = max(steps_per_epoch * args.epochs, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     ckpt = WORK / "fp-start-progress.safetensors"
-    epoch0 = 0
-    if ckpt.exists():
-        tensors = load_file(str(ckpt))
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("momentum::")})
-        _load_optimizer_tensors(model, opt, {k: v.to(args.device) for k, v in tensors.items()})
-        epoch0 = json.loads(ckpt.with_suffix(".json").read_text())["epochs_done"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(epoch0 * steps_per_epoch):
-                sched.step()
+    epoch0 = _resume(ckpt, model, opt, sched, args.device, "epochs_done", steps_per_epoch)
+    if epoch0:
         print(f"resuming the FP start after epoch {epoch0}", flush=True)
     start = time.perf_counter()
     for epoch in range(epoch0, args.epochs):
@@ -203,16 +212,8 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
     total = args.steps or steps_per_epoch * args.qat_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     ckpt = run_dir / "progress.safetensors"
-    done = 0
-    if ckpt.exists():
-        tensors = load_file(str(ckpt))
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("momentum::")})
-        _load_optimizer_tensors(model, opt, {k: v.to(args.device) for k, v in tensors.items()})
-        done = json.loads(ckpt.with_suffix(".json").read_text())["steps_done"]
-        with warnings.catch_warnings():  # fast-forwarding the schedule, no optimizer step is owed
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(done):
-                sched.step()
+    done = _resume(ckpt, model, opt, sched, args.device, "steps_done", 1)
+    if done:
         print(f"  resuming after step {done}", flush=True)
     model.train()
     step, times, log = 0, [], []

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, machine  # noqa: E402
+from common import commit, machine, parse_bits  # noqa: E402
 from harness.cifar10 import ResNet20, accuracy, epoch_batches, load_cifar10, normalize  # noqa: E402
 
 from mec_quant_plugin import (  # noqa: E402
@@ -157,11 +157,6 @@ def parse_method(text: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             overrides[key] = value
     return name, overrides
-
-
-def parse_bits(text: str) -> tuple[int, int | None]:
-    w, _, a = text.upper().removeprefix("W").partition("A")
-    return int(w), (None if a in ("", "FLOAT", "16", "32") else int(a))
 
 
 def _load_fp_start(device: str = "cpu") -> torch.nn.Module:

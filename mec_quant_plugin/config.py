@@ -180,7 +180,7 @@ class MECQuantConfig(AOBaseConfig):
         metadata={"help": "Gather features from all ranks (gradient-preserving) so m is the global batch."},
     )
 
-    # ---- candidate terms of MEC-Quant v2 (being ablated, issue 9; all off by default) ------
+    # ---- candidate terms of MEC-Quant v2 (measured in docs/ablation.md round 5; off by default)
     mec_layer_weight: float = field(
         default=0.0,
         metadata={

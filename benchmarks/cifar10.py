@@ -292,15 +292,16 @@ def run(args: argparse.Namespace) -> None:
             for spec in args.methods:
                 method, overrides = parse_method(spec)
                 label_bits = "FP" if method == "fp" else bits_text
-                if any((r["bits"], r["method"], r["seed"]) == (label_bits, spec, seed) for r in results["runs"]):
+                if any((r["bits"], r["method"], r["seed"], r.get("qat_epochs", 1)) == (label_bits, spec, seed, args.qat_epochs)
+                       for r in results["runs"]):
                     print(f"{label_bits:>5} {spec:<50} seed {seed}: already in {out.name}, skipped", flush=True)
                     continue
-                run_dir = _run_dir(label_bits, spec, seed)
+                run_dir = _run_dir(label_bits, spec, seed, args.qat_epochs)
                 print(f"{label_bits:>5} {spec} seed {seed} ...", flush=True)
                 start = time.perf_counter()
                 res = train_method(method, overrides, parse_bits(bits_text), seed, data, args, run_dir)
                 model = res.pop("model")
-                entry = {"bits": label_bits, "method": spec, "seed": seed,
+                entry = {"bits": label_bits, "method": spec, "seed": seed, "qat_epochs": args.qat_epochs,
                          "accuracy": accuracy(model, *test), "test_images": len(test[1]), "train_accuracy": accuracy(model, *train_eval),
                          **res, "seconds": round(time.perf_counter() - start, 1),
                          "command": " ".join(["python benchmarks/cifar10.py", *(sys.argv[1:] if argv_is_cli() else [])]),
@@ -310,8 +311,10 @@ def run(args: argparse.Namespace) -> None:
                       f"train {100 * entry['train_accuracy']:.2f}% ({entry['seconds']:.0f} s)", flush=True)
 
 
-def _run_dir(label_bits: str, spec: str, seed: int) -> Path:
-    return WORK / "runs" / f"{label_bits}-{spec.replace(':', '_').replace(',', '_')}-s{seed}"
+def _run_dir(label_bits: str, spec: str, seed: int, qat_epochs: int = 1) -> Path:
+    """One folder per run; runs of another schedule length never resume from each other."""
+    epochs = "" if qat_epochs == 1 else f"-e{qat_epochs}"
+    return WORK / "runs" / f"{label_bits}-{spec.replace(':', '_').replace(',', '_')}-s{seed}{epochs}"
 
 
 @torch.no_grad()
@@ -421,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", nargs="+", default=["W2A2"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["fp", "ptq", "plain", "kd", "mec"])
-    p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--qat-epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="override the steps of every run (smoke tests)")
     p.add_argument("--test-images", type=int, default=10000, help="fewer only for smoke tests")
     p.add_argument("--train-eval-images", type=int, default=2000, help="training images scored for train accuracy")

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # noqa: E402
 import report  # noqa: E402
 from harness.fashion_mnist import build_model  # noqa: E402
-from tiny_models import tiny_bert, tiny_vit  # noqa: E402
+from testing_utils import tiny_bert, tiny_vit  # noqa: E402
 
 
 def test_parse_bits_and_methods():

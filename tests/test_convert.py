@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS
+from testing_utils import TINY_MODELS
 from torch import nn
 from torchao.quantization import quantize_
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (

@@ -53,9 +53,10 @@ def test_train_again_into_its_own_run_and_with_overwrite_output_dir(tmp_path, ti
 
 
 def _training_checkpoint(folder: Path) -> Path:
+    from testing_utils import tiny_llama
+
     from mec_quant_plugin import MECQuantConfig, prepare_model
     from mec_quant_plugin.checkpoint import TRAIN_CONFIG_FILE
-    from tests.tiny_models import tiny_llama
 
     model, _ = tiny_llama()
     config = MECQuantConfig(weight_bits=2, act_bits=None)
@@ -78,10 +79,10 @@ def test_convert_refuses_to_write_into_the_training_checkpoint(tmp_path, where):
 
 def _saveable_llama(seed: int):
     import torch
+    from testing_utils import tiny_llama
 
     from mec_quant_plugin import MECQuantConfig, convert_model, prepare_model
     from mec_quant_plugin.integrations.hub import make_saveable
-    from tests.tiny_models import tiny_llama
 
     torch.manual_seed(seed)
     model, batch = tiny_llama()

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS
+from testing_utils import TINY_MODELS
 from torch import nn
 from torchao.quantization import quantize_
 from transformers.pytorch_utils import Conv1D

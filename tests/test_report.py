@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import TINY_MODELS
+from testing_utils import TINY_MODELS
 
 from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model, quantization_report
 

@@ -27,7 +27,7 @@ def _train(rank: int, world: int, port: int, out_dir: str, per_device: int) -> N
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    from trainer_helpers import make_trainer
+    from testing_utils import make_trainer
 
     from mec_quant_plugin import MECQuantConfig
 

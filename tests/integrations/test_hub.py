@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import TINY_MODELS
-from trainer_helpers import make_trainer
+from testing_utils import TINY_MODELS, make_trainer
 
 import mec_quant_plugin
 from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model

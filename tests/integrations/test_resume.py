@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_helpers import make_trainer
+from testing_utils import make_trainer
 from transformers import TrainerCallback
 
 from mec_quant_plugin import MECQuantConfig

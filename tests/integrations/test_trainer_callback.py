@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS
-from trainer_helpers import check_trained_with_the_term, dataset_like, make_trainer, training_arguments
+from testing_utils import TINY_MODELS, check_trained_with_the_term, dataset_like, make_trainer, training_arguments
 from transformers import Trainer, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig, prepare_model

@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS
-from trainer_helpers import dataset_like, make_trainer, training_arguments
+from testing_utils import TINY_MODELS, dataset_like, make_trainer, training_arguments
 from transformers import Trainer, TrainerCallback
 
 from mec_quant_plugin import MECQuantConfig, MECQuantTrainerMixin

@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS
-from trainer_helpers import check_trained_with_the_term, dataset_like, make_trainer, training_arguments
+from testing_utils import TINY_MODELS, check_trained_with_the_term, dataset_like, make_trainer, training_arguments
 from transformers import Trainer
 
 from mec_quant_plugin import MECQuantConfig, MECQuantTrainerMixin
@@ -21,7 +20,7 @@ class MECTrainer(MECQuantTrainerMixin, Trainer):
 
 def make_mixin_trainer(name: str, out_dir: str, config: MECQuantConfig | None = None, *, rows: int = 16,
                        convert: bool = True, **overrides) -> tuple[MECTrainer, object]:
-    """The mixin twin of trainer_helpers.make_trainer (same model, data and arguments)."""
+    """The mixin twin of testing_utils.make_trainer (same model, data and arguments)."""
     model, batch = TINY_MODELS[name]()
     ds = dataset_like(batch, rows)
     with warnings.catch_warnings():

@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import TINY_MODELS
-from trainer_helpers import dataset_like, training_arguments
+from testing_utils import TINY_MODELS, dataset_like, training_arguments
 from transformers import Trainer
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig, MECQuantTrainerMixin, MECRegularizer, prepare_model

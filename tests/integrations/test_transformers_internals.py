@@ -30,7 +30,7 @@ def test_a_missing_trainer_internal_is_named(call):
 
 
 def test_loss_kwargs_detection_reads_the_forward_source():
-    from tiny_models import TINY_MODELS
+    from testing_utils import TINY_MODELS
 
     assert not internals.model_drops_loss_kwargs(TINY_MODELS["llama"]()[0])  # loss_function(..., **kwargs)
     assert internals.model_drops_loss_kwargs(TINY_MODELS["resnet"]()[0])  # loss_function without kwargs

@@ -6,20 +6,27 @@ import warnings
 
 import pytest
 import torch
-from objective_helpers import TINY_MODELS, TinyMLP
+from testing_utils import TINY_MODELS, TinyMLP
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mec_quant_plugin.objective import FeatureCapture, resolve_taps
 from mec_quant_plugin.objective.capture import to_rows
 
-HIDDEN = 16
 
 
-def _expected_rows(name: str, batch: dict, side: str) -> int:
-    if name in ("vit", "resnet"):
+def _width(model) -> int:
+    """The feature width the head sees, from the model's config."""
+    cfg = model.config
+    return cfg.hidden_sizes[-1] if hasattr(cfg, "hidden_sizes") else cfg.hidden_size
+
+
+def _expected_rows(name: str, batch: dict, side: str, model) -> int:
+    if "pixel_values" in batch:
         n = batch["pixel_values"].shape[0]
-        return n * 5 if (name == "vit" and side == "output") else n  # ViT blocks: 4 patches + CLS
+        if name == "vit" and side == "output":  # ViT blocks: one row per patch, plus CLS
+            return n * ((model.config.image_size // model.config.patch_size) ** 2 + 1)
+        return n  # spatial maps are average-pooled; the head sees the pooled row
     if name == "bert" and side == "input":
         return batch["input_ids"].shape[0]  # the classifier sees the pooled [CLS] row
     return int(batch["attention_mask"].sum())
@@ -36,9 +43,9 @@ def test_head_and_block_taps_give_rows_of_the_documented_shape(name):
     rows = capture.pop()
     assert set(rows) == {n for n, _ in taps}
     head = taps[-1][0]
-    assert rows[head].shape == (_expected_rows(name, batch, "input"), HIDDEN)
+    assert rows[head].shape == (_expected_rows(name, batch, "input", model), _width(model))
     for block, _ in taps[:-1]:
-        assert rows[block].dim() == 2 and rows[block].shape[0] == _expected_rows(name, batch, "output")
+        assert rows[block].dim() == 2 and rows[block].shape[0] == _expected_rows(name, batch, "output", model)
         assert rows[block].requires_grad
     assert capture.pop() == {}  # popped: nothing is kept
 
@@ -91,7 +98,7 @@ def test_token_rows_are_subsampled_deterministically_per_step():
         capture.set_step(step)
         model(**batch)
         picks.append(capture.pop()["lm_head"].detach())
-    assert picks[0].shape == (5, HIDDEN)
+    assert picks[0].shape == (5, _width(model))
     torch.testing.assert_close(picks[0], picks[1])
     assert not torch.equal(picks[0], picks[2])
 

@@ -7,7 +7,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from objective_helpers import TinyMLP
+from testing_utils import TinyMLP
 
 from mec_quant_plugin.config import MECQuantConfig
 from mec_quant_plugin.objective import MECRegularizer, center_features, coding_length_loss, gather_rows

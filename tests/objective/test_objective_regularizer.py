@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from objective_helpers import TINY_MODELS, TinyMLP
+from testing_utils import TINY_MODELS, TinyMLP
 
 from mec_quant_plugin.config import MECQuantConfig
 from mec_quant_plugin.objective import (

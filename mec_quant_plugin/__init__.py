@@ -7,6 +7,7 @@ Two lines on top of an existing pipeline:
     model = convert_model(model)
 """
 
+from . import _quiet_import  # noqa: F401  (first: imports torchao without its optional-kernel noise)
 from .api import calibrate_activations, convert_model, prepare_model
 from .checkpoint import convert_checkpoint
 from .config import MECQuantConfig

@@ -196,6 +196,7 @@ def test_default_job_calls_run_default(monkeypatch, tmp_path):
     import mec_quant_plugin.demo
 
     monkeypatch.setattr(mec_quant_plugin.demo, "run_default", run_default)
+    monkeypatch.chdir(tmp_path)  # the default output folder is relative: keep it out of the checkout
     assert run_cli(["train", "--weight-bits", "3", "--act_bits", "none", "--seed", "5", "--quick"]) == 0
     assert calls == {"output_dir": "outputs/mec-quant-demo", "weight_bits": 3, "act_bits": None, "seed": 5, "quick": True}
     assert run_cli(["train", "--output-dir", tmp_path / "demo"]) == 0

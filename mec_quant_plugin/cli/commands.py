@@ -23,7 +23,7 @@ from .arguments import (
 )
 from .common import DEFAULT_DEMO_DIR, TASKS, CLIError, first_line
 from .data import looks_like_path
-from .models import infer_task, load_for_eval
+from .models import infer_task, is_hub_id, load_for_eval
 from .tasks import evaluate, prepare_task
 
 logger = logging.getLogger("mec_quant_plugin")
@@ -59,11 +59,14 @@ def _run_builtin_default(parser, run: RunArguments, config, opts: TrainOptions, 
     if ignored:
         logger.warning("The built-in default job uses only --weight-bits, --act-bits, --seed, --output-dir, --quick; "
                        "ignored: %s", ", ".join(ignored))
+    output_dir = run.output_dir or DEFAULT_DEMO_DIR
+    _check_output_dir(parser, output_dir, None, run, None)
+    _mark_output_dir(parser, output_dir, config)  # before any training: a rerun finds its own folder
     from ..data.fashion_mnist import FashionMNISTNotFound
     from ..demo import run_default
 
     try:
-        results = run_default(output_dir=run.output_dir or DEFAULT_DEMO_DIR, weight_bits=config.weight_bits,
+        results = run_default(output_dir=output_dir, weight_bits=config.weight_bits,
                               act_bits=config.act_bits, seed=opts.seed, quick=run.quick)
     except FashionMNISTNotFound as exc:
         print(f"mec-quant train: error: {exc}", file=sys.stderr)
@@ -78,31 +81,63 @@ def _run_builtin_default(parser, run: RunArguments, config, opts: TrainOptions, 
 
 def _resolve_task(parser: argparse.ArgumentParser, model: str, dataset: str | None, task: str | None) -> str:
     """Check that a local model folder exists and infer the task when not given (train and eval)."""
-    if not os.path.isdir(model) and looks_like_path(model):
-        parser.error(f"model folder {model!r} not found.")
-    task = task or infer_task(dataset, model)
+    if not os.path.isdir(model) and (looks_like_path(model) or not is_hub_id(model)):
+        parser.error(f"model folder {model!r} not found: the path does not exist (and it is not a Hub model id, "
+                     "which reads 'name' or 'owner/name').")
     if task is None:
-        parser.error(f"cannot infer the task: pass --task (one of {', '.join(TASKS)}).")
+        try:
+            task = infer_task(dataset, model)
+        except CLIError as exc:
+            parser.error(str(exc))
+    if task is None:
+        parser.error(f"cannot infer the task of {model!r} (its config.json names no task head transformers knows): "
+                     f"pass --task (one of {', '.join(TASKS)}).")
     return task
 
 
-def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str, model: str, run: RunArguments,
+def _is_our_run(out: Path) -> bool:
+    """A folder `train` wrote (its TRAIN_CONFIG_FILE marker), or a built-in job's folder of a version
+    before the marker (results.json next to the FP start in fp/)."""
+    return (out / TRAIN_CONFIG_FILE).is_file() or ((out / "results.json").is_file() and (out / "fp" / "config.json").is_file())
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str, model: str | None, run: RunArguments,
                       resume: str | None) -> None:
     """Refuse to write where a user's data would be lost: into the --model folder (always), or into a
     non-empty folder that is not a mec-quant run unless --overwrite-output-dir. A run is recognised by
     the TRAIN_CONFIG_FILE that `train` writes into its output folder first."""
     out = Path(output_dir).resolve()
-    if os.path.isdir(model):
+    if model is not None and os.path.isdir(model):
         base = Path(model).resolve()
         if out == base or base in out.parents:
             parser.error(f"--output-dir {output_dir!r} is (inside) the --model folder {model!r}: the base model would "
                          "be overwritten; choose another --output-dir.")
-    if not out.is_dir() or not any(out.iterdir()) or (out / TRAIN_CONFIG_FILE).is_file() or run.overwrite_output_dir:
+    if not out.is_dir() or not any(out.iterdir()) or _is_our_run(out) or run.overwrite_output_dir:
         return
     if resume and out in Path(resume).resolve().parents:
         return  # resuming a run whose checkpoints live in this folder
     parser.error(f"--output-dir {output_dir!r} is not empty and is not a mec-quant run (no {TRAIN_CONFIG_FILE}): "
                  "its files would be replaced; choose another folder or pass --overwrite-output-dir.")
+
+
+def _mark_output_dir(parser: argparse.ArgumentParser, output_dir: str, config) -> None:
+    """Create the output folder and write the run's config into it (the marker `_check_output_dir`
+    recognises); a folder that cannot be written is one usage line."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / TRAIN_CONFIG_FILE).write_text(config.to_json())
+    except OSError as exc:
+        parser.error(f"cannot write to --output-dir {output_dir!r}: {first_line(exc)}")
+
+
+def _write_failed(output_dir: str, exc: OSError) -> int:
+    """One line for a disk that fills up (or a folder that turns read-only) during training or the
+    final save; says which checkpoint to resume from when there is one. Returns the exit status."""
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: p.stat().st_mtime) \
+        if Path(output_dir).is_dir() else []
+    hint = f"; resume with --resume-from-checkpoint {checkpoints[-1]}" if checkpoints else ""
+    print(f"mec-quant train: error: training into {output_dir} stopped: {first_line(exc)}{hint}", file=sys.stderr)
+    return 1
 
 
 def _check_training_options(parser: argparse.ArgumentParser, opts: TrainOptions) -> None:
@@ -169,8 +204,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
     run_info = {"base_model": data.model, "dataset": data.dataset, "task": task}
     if run.push_to_hub:
         run_info["repo_id"] = run.push_to_hub
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / TRAIN_CONFIG_FILE).write_text(config.to_json())
+    _mark_output_dir(parser, output_dir, config)
     try:  # the callback prepares the model here: e.g. a --group-size that does not divide a layer
         trainer = Trainer(
             model=prepared.model, args=args, train_dataset=prepared.train, data_collator=prepared.collator,
@@ -179,15 +213,19 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
         )
     except (TypeError, ValueError) as exc:
         parser.error(f"cannot prepare {data.model!r} with these settings: {first_line(exc)}")
-    trainer.train(resume_from_checkpoint=opts.resume_from_checkpoint)
-    model = trainer.model  # converted to torchao int weights by the callback at the end of training
-    metrics = evaluate(model, prepared.eval, prepared.collator, task, args.per_device_eval_batch_size)
-    info = model.__dict__.get("_mec_quant_run_info")
-    if isinstance(info, dict):
-        info.setdefault("metrics", {}).update(metrics)
+    try:  # a full disk or a folder turned read-only: one line, exit 1 (the saves themselves are atomic)
+        trainer.train(resume_from_checkpoint=opts.resume_from_checkpoint)
+        model = trainer.model  # converted to torchao int weights by the callback at the end of training
+        metrics = evaluate(model, prepared.eval, prepared.collator, task, args.per_device_eval_batch_size)
+        info = model.__dict__.get("_mec_quant_run_info")
+        if isinstance(info, dict):
+            info.setdefault("metrics", {}).update(metrics)
+        if trainer.is_world_process_zero():
+            trainer.save_model(output_dir)
+            (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    except OSError as exc:
+        return _write_failed(output_dir, exc)
     if trainer.is_world_process_zero():
-        trainer.save_model(output_dir)
-        (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         print(json.dumps({"output_dir": output_dir, **metrics}, indent=2))
         if run.push_to_hub:
             try:

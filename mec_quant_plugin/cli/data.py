@@ -83,8 +83,13 @@ def load_raw_dataset(
         ) from exc
 
 
-def train_eval_splits(raw, train_split: str, eval_split: str | None, seed: int):
-    """(train, eval) Datasets: the named splits, else validation/test, else 10% held out of train."""
+def train_eval_splits(raw, train_split: str, eval_split: str | None, seed: int, *, eval_option: str = "--eval-split"):
+    """(train, eval) Datasets: the named splits, else validation/test, else 10% held out of train.
+
+    Raises:
+        CLIError: a named split is missing, or train has fewer than 2 rows to hold 10% out of (the
+            message names `eval_option`, the option that names an evaluation split instead).
+    """
     import datasets
 
     if isinstance(raw, datasets.Dataset):
@@ -98,6 +103,11 @@ def train_eval_splits(raw, train_split: str, eval_split: str | None, seed: int):
     for candidate in ("validation", "valid", "test"):
         if candidate in raw and candidate != train_split:
             return raw[train_split], raw[candidate]
+    rows = len(raw[train_split])
+    if rows < 2:
+        raise CLIError(f"the {train_split!r} split has {rows} row{'s' if rows != 1 else ''} and the dataset has no "
+                       f"validation or test split: 10% cannot be held out for evaluation; name a split with "
+                       f"{eval_option} (splits: {list(raw)}) or give at least 2 rows.")
     parts = raw[train_split].train_test_split(test_size=0.1, seed=seed)
     return parts["train"], parts["test"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,61 @@ def _auto_class(task: str):
     }[task]
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub model id ('name' or 'owner/name'); anything else can only
+    be a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _task_of(cls: type) -> str | None:
+    """The task of a transformers model class (its Auto mapping, else its name), or None (a base model)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    def names(mapping: dict) -> set[str]:
+        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    name = cls.__name__
+    if name in names(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if name in names(auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForImageClassification"):
+        return "image-classification"
+    if name in names(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForSequenceClassification"):
+        return "text-classification"
+    return None
+
+
 def infer_task(dataset: str | None, model_path: str | None) -> str | None:
-    """The task of a built-in dataset, else the one a local model's `architectures` name, else None."""
+    """The task of a built-in dataset, else the one the model's `architectures` name (its class from
+    `integrations.hub.model_class_from_config`), else None.
+
+    Raises:
+        CLIError: the model is not a local folder and its config.json cannot be fetched from the Hub
+            (or its cache): says which model and why.
+    """
     if dataset is not None and dataset.lower() in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[dataset.lower()]
-    if model_path is not None and (Path(model_path) / "config.json").is_file():
-        archs = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
-        for arch in archs:
-            if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
-                return "causal-lm"
-            if arch.endswith("ForImageClassification"):
-                return "image-classification"
-            if arch.endswith("ForSequenceClassification"):
-                return "text-classification"
-    return None
+    if model_path is None:
+        return None
+    from ..integrations.hub import model_class_from_config
+
+    folder = Path(model_path)
+    if not folder.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            folder = Path(hf_hub_download(model_path, "config.json")).parent
+        except Exception as exc:
+            raise CLIError(f"model {model_path!r} could not be loaded: {first_line(exc)}{_not_found_hint(model_path)}") from exc
+    try:
+        return _task_of(model_class_from_config(folder))
+    except (FileNotFoundError, ValueError):  # no config.json, or an architecture transformers does not know
+        return None
 
 
 def _not_found_hint(name: str) -> str:
@@ -83,7 +123,7 @@ def load_model(task: str, path: str, **kwargs: Any):
     try:
         return _auto_class(task).from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise CLIError(f"cannot load model {path!r} for {task}: {first_line(exc)}{_not_found_hint(path)}") from exc
+        raise CLIError(f"model {path!r} could not be loaded for {task}: {first_line(exc)}{_not_found_hint(path)}") from exc
 
 
 def load_for_eval(path: str, task: str):

@@ -170,7 +170,8 @@ def prepare_task(
     raw = load_raw_dataset(data.dataset, task, config=data.dataset_config,
                            max_train_samples=max_train if fashion else None,
                            max_eval_samples=data.max_eval_samples if fashion else None)
-    train, evals = train_eval_splits(raw, train_split, eval_split, seed)
+    train, evals = train_eval_splits(raw, train_split, eval_split, seed,
+                                     eval_option="--eval-split" if for_training else "--split")
     if not for_training:
         train = None
     elif data.max_train_samples is not None and task != "causal-lm":

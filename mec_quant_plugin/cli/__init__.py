@@ -3,6 +3,9 @@
     mec-quant train                                   # the built-in default: Fashion-MNIST, FP -> W2A2
     mec-quant train --model HuggingFaceTB/SmolLM2-135M-Instruct --dataset texts.jsonl --task causal-lm \\
         --weight-bits 4 --act-bits 8 --max-steps 200 --output-dir outputs/smollm2-w4a8
+    mec-quant train --model ./m --dataset texts.jsonl --task causal-lm --weight-bits none --act-bits none \\
+        --output-dir outputs/m-fp                     # full-precision fine-tuning: a normal transformers model
+    mec-quant train --model outputs/m-fp --dataset texts.jsonl --task causal-lm --weight-bits 2 --act-bits 2
     mec-quant eval --model outputs/smollm2-w4a8 --dataset texts.jsonl --task causal-lm
     mec-quant convert --model outputs/smollm2-w4a8/checkpoint-100 --output-dir outputs/smollm2-w4a8-ckpt100
 

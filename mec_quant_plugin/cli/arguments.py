@@ -206,7 +206,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
             usage="mec-quant train [--model MODEL --dataset DATASET --task TASK] [--weight-bits N] [--act-bits N] "
             "[--output-dir DIR] [--push-to-hub REPO] [options]",
             description="Quantization-aware training (transformers.Trainer + MECQuantCallback); saves the converted "
-            "model (torchao int weights) to --output-dir. Without --model/--dataset: the built-in default job.",
+            "model (torchao int weights) to --output-dir. Without --model/--dataset: the built-in default job. "
+            "With --weight-bits none --act-bits none: plain full-precision fine-tuning (no quantizer, no MEC term) "
+            "that saves a normal transformers model, e.g. the FP start of a later low-bit run "
+            "(--edge-layers 8bit keeps W8 edges instead).",
         ),
         "eval": sub.add_parser(
             "eval", help="accuracy / perplexity of a saved model", formatter_class=fmt,

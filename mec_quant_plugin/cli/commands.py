@@ -140,6 +140,24 @@ def _write_failed(output_dir: str, exc: OSError) -> int:
     return 1
 
 
+def is_full_precision(config) -> bool:
+    """`--weight-bits none --act-bits none` (and no explicit `--edge-layers 8bit`): the config quantizes
+    nothing, so `train` is plain full-precision fine-tuning (no quantizer, no MEC term, a normal
+    transformers model saved), e.g. the FP start of a later low-bit run."""
+    return config.weight_bits is None and config.act_bits is None and config.edge_layers != "8bit"
+
+
+def _warn_ignored_in_fp_mode(config) -> None:
+    from ..config import MECQuantConfig
+
+    ignored = [f.name for f in dataclasses.fields(MECQuantConfig)
+               if f.name not in ("weight_bits", "act_bits", "edge_layers", "step") and getattr(config, f.name) != f.default]
+    logger.info("--weight-bits none --act-bits none: full-precision fine-tuning (no quantizer, no MEC term); the "
+                "output is a plain transformers model")
+    if ignored:
+        logger.warning("full-precision fine-tuning ignores the quantization and MEC options: %s", ", ".join(ignored))
+
+
 def _check_training_options(parser: argparse.ArgumentParser, opts: TrainOptions) -> None:
     """Ordinary mistakes in the training options as one usage line, before anything is loaded."""
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -204,12 +222,15 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
     run_info = {"base_model": data.model, "dataset": data.dataset, "task": task}
     if run.push_to_hub:
         run_info["repo_id"] = run.push_to_hub
+    callbacks = [MECQuantCallback(config, run_info=run_info), _save_train_config_callback(config)]
+    if is_full_precision(config):
+        _warn_ignored_in_fp_mode(config)
+        callbacks = []  # plain fine-tuning: the Trainer saves a normal transformers model
     _mark_output_dir(parser, output_dir, config)
     try:  # the callback prepares the model here: e.g. a --group-size that does not divide a layer
         trainer = Trainer(
             model=prepared.model, args=args, train_dataset=prepared.train, data_collator=prepared.collator,
-            processing_class=prepared.processing_class,
-            callbacks=[MECQuantCallback(config, run_info=run_info), _save_train_config_callback(config)],
+            processing_class=prepared.processing_class, callbacks=callbacks,
         )
     except (TypeError, ValueError) as exc:
         parser.error(f"cannot prepare {data.model!r} with these settings: {first_line(exc)}")

@@ -9,6 +9,11 @@ import torch
 
 MIN_STEP = 1e-8
 
+CLIP_RATIOS = 40  # candidate clipping ratios r of the weight-step search: linspace(0.05, 1, 40)
+# Elements of one (rows, ratios, width) block of that search: 1 MiB fp32 stays in a CPU core's cache;
+# a GPU wants few large launches instead (256 MiB).
+SEARCH_CHUNK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 26}
+
 
 class KeepsFloat32(torch.nn.Module):
     """Base of the quantizers: `model.half()`, `.bfloat16()`, `.to(dtype)` move their step sizes
@@ -78,3 +83,39 @@ def positive_step(scale: torch.Tensor) -> torch.Tensor:
     step size of ~0.01 can cross zero within a few dozen steps at lr=1e-3; a negative or zero
     step would flip or divide by zero. Identity (and gradient 1) for every normal positive s."""
     return scale.abs().clamp_min(MIN_STEP)
+
+
+@torch.no_grad()
+def mse_step_search(
+    w: torch.Tensor, qmin: int, qmax: int, *, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """Per row of `w` (..., n), the step `s = r * max|w| / qmax` over `CLIP_RATIOS` clipping ratios
+    r in [0.05, 1] that minimizes `sum((clamp(round(w / s), qmin, qmax) * s - w)^2)` over the row;
+    the first such r on a tie. Returns a (..., 1) float32 tensor.
+
+    All rows and ratios of a block are computed in one batch of elementwise ops (rows x ratios x n),
+    blocks of about `chunk_elements` elements (default `SEARCH_CHUNK_ELEMENTS` of the device: 1 MiB
+    on CPU, cache-sized) so memory stays bounded whatever the weight. Same float32 operations in the same order as a loop over the ratios, so the
+    result is bit-identical to it (tested), a few times faster on CPU.
+
+    Example:
+        >>> mse_step_search(torch.randn(8, 16), -2, 1).shape
+        torch.Size([8, 1])
+    """
+    if chunk_elements is None:
+        chunk_elements = SEARCH_CHUNK_ELEMENTS["cpu" if w.device.type == "cpu" else "other"]
+    shape = w.shape
+    rows = w.detach().float().reshape(-1, shape[-1])
+    ratios = torch.linspace(0.05, 1.0, CLIP_RATIOS, device=w.device)
+    wmax = rows.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_STEP)
+    candidates = wmax * ratios / qmax  # (rows, ratios)
+    best = torch.empty_like(wmax)
+    step = max(1, chunk_elements // (CLIP_RATIOS * max(shape[-1], 1)))
+    for start in range(0, rows.shape[0], step):
+        wc = rows[start : start + step, None, :]  # (b, 1, n)
+        sc = candidates[start : start + step, :, None]  # (b, R, 1)
+        x = wc / sc
+        x.round_().clamp_(qmin, qmax).mul_(sc).sub_(wc)
+        err = x.square_().sum(dim=-1)  # (b, R)
+        best[start : start + step] = candidates[start : start + step].gather(1, err.argmin(dim=-1, keepdim=True))
+    return best.reshape(*shape[:-1], 1)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..options import check_bits
 from .autograd import BinaryFakeQuantize, LSQFakeQuantize
-from .numerics import KeepsFloat32, check_finite, positive_step, run_in_fp32
+from .numerics import KeepsFloat32, check_finite, mse_step_search, positive_step, run_in_fp32
 
 
 @dataclass(frozen=True)
@@ -129,24 +129,12 @@ class WeightFakeQuantizer(KeepsFloat32):
         """Per-channel (group) step minimizing the quantization MSE over a grid of clip ratios.
 
         LSQ's 2*mean|w|/sqrt(Qp) is a rough start at 2 bits; a 40-point search over
-        s = r * max|w| / Qp costs a few passes over the weight once and starts QAT closer.
+        s = r * max|w| / Qp (`mse_step_search`, all channels and ratios batched) starts QAT closer.
         """
-        reduce_dim = -1  # the layout is (channels, rest) or (channels, groups, group_size)
-        absw = w.abs()
         if self.binary:
-            return absw.mean(dim=reduce_dim, keepdim=True).clamp_min(1e-8)  # alpha = mean|w|
-        wmax = absw.amax(dim=reduce_dim, keepdim=True).clamp_min(1e-8)
-        best_s = wmax / self.qmax
-        best_err = torch.full_like(best_s, float("inf"))
-        for r in torch.linspace(0.05, 1.0, 40).tolist():
-            s = wmax * r / self.qmax
-            err = ((torch.clamp(torch.round(w / s), self.qmin, self.qmax) * s - w) ** 2).sum(
-                dim=reduce_dim, keepdim=True
-            )
-            better = err < best_err
-            best_s = torch.where(better, s, best_s)
-            best_err = torch.where(better, err, best_err)
-        return best_s
+            return w.abs().mean(dim=-1, keepdim=True).clamp_min(1e-8)  # alpha = mean|w|
+        # The layout is (channels, rest) or (channels, groups, group_size): one search per last-axis row.
+        return mse_step_search(w, self.qmin, self.qmax)
 
     @run_in_fp32
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Pieces every benchmark script shares: method and bits parsing, the commit stamp, the machine."""
+"""Pieces every benchmark script shares: method and bits parsing, and the stamp written beside every
+result: `commit()` here, `machine()` from mec_quant_plugin/demo/provenance.py (the demo writes it too)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mec_quant_plugin.demo.fashion_mnist import machine as cpu_machine
+from mec_quant_plugin.demo.provenance import machine  # noqa: F401 (the scripts import the stamp from here)
 from mec_quant_plugin.layer_policy import find_head_layer, find_input_layers
 
 ROOT = Path(__file__).resolve().parent
@@ -46,14 +47,6 @@ def commit(*paths: str) -> str:
         return (sha or "unknown") + ("+uncommitted" if dirty else "")
     except OSError:
         return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, threads, torch version, and the GPU when one is used."""
-    info = cpu_machine()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def torchao_prepare(model: nn.Module, wbits: int, abits: int | None) -> nn.Module:

@@ -35,9 +35,7 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -53,48 +51,11 @@ from mec_quant_plugin import MECQuantConfig, prepare_model  # noqa: E402
 from mec_quant_plugin.modules.conv2d import FakeQuantizedConv2d  # noqa: E402
 from mec_quant_plugin.modules.linear import FakeQuantizedLinear  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fake_quant.json"
-
-
-# ---- machine -------------------------------------------------------------------------------
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        load = []
-    import torchao
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "threads": threads,
-        "loadavg_at_start": load,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchao": torchao.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "mec_quant_plugin"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return out.stdout.strip() + (" (+ uncommitted changes in mec_quant_plugin/)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ---- layer micro-benchmark -----------------------------------------------------------------
@@ -418,9 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or cores
     torch.set_num_threads(threads)
-    info = machine_info(threads)
-    print(f"CPU: {info['cpu']} | cores available: {info['cores_available']} | torch threads: {threads} | "
-          f"load avg: {' '.join(info['loadavg_at_start'])}")
+    info = machine()
+    print(f"CPU: {info['cpu']} | cores available: {info['cores']} | torch threads: {threads} | "
+          f"load avg: {info['load_average']}")
     print(f"torch {info['torch']}, torchao {info['torchao']}, transformers {info['transformers']}")
     start = time.perf_counter()
     layer_rows = bench_layers(repeats=3 if args.quick else 9)
@@ -432,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": git_commit(),
+        "git_commit": commit("benchmarks/fake_quant.py"),
         "machine": info,
         "seconds": seconds,
         "memory_method": "torch.profiler(profile_memory=True): running sum of CPU tensor allocations/frees "

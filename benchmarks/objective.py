@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,9 @@ from mec_quant_plugin.objective import (
     mixture_coding_length_loss,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "objective.json"
 
 
@@ -49,16 +51,6 @@ def _median_ms(*fns: Callable[[], object], repeats: int, warmup: int = 1) -> lis
             fn()
             bucket.append(1000 * (time.perf_counter() - start))
     return [statistics.median(bucket) for bucket in times]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _models(quick: bool) -> dict[str, tuple[torch.nn.Module, dict]]:
@@ -195,9 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": "cpu",
-                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "commit": commit("benchmarks/objective.py"),
+        "machine": {**machine(), "device": "cpu"},
         "targets": {"term_over_step": "<= 0.05 (self view, default settings)",
                     "speedup_features_at_d4096_m4096": ">= 4 (K=8)"},
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from transformers import (
 from ..config import MECQuantConfig
 from ..data.fashion_mnist import CLASSES, MEAN, STD, load_fashion_mnist
 from ..integrations.trainer import MECQuantCallback
+from ..options import bits_label
+from .provenance import machine
 
 
 def build_resnet(seed: int = 0) -> ResNetForImageClassification:
@@ -135,16 +136,6 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
 def run_default(
     output_dir: str = "outputs/mec-quant-demo",
     *,
@@ -180,7 +171,7 @@ def run_default(
             model.save_pretrained(f"{output_dir}/mec-quant")
     results.update(seconds=round(time.perf_counter() - start, 1), machine=machine(), weight_bits=weight_bits,
                    act_bits=act_bits, fp_steps=fp_steps, qat_steps=qat_steps)
-    bits = f"W{weight_bits}A{act_bits or 'float'}"
+    bits = bits_label(weight_bits, act_bits)
     rows = [
         (f"FP start ({fp_steps} steps)", results["fp_start"], results["fp_bytes"]),
         (f"FP fine-tuned +{qat_steps} steps (reference)", results["fp_finetuned"], results["fp_bytes"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,6 +12,8 @@ from testing_utils import TinyMLP
 
 from mec_quant_plugin.config import MECQuantConfig
 from mec_quant_plugin.objective import MECRegularizer, center_features, coding_length_loss, gather_rows
+
+pytestmark = pytest.mark.distributed  # starts two gloo processes
 
 ROWS = (3, 5)  # unequal per-rank batches: the gather pads and strips
 

@@ -247,7 +247,7 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
     except OSError as exc:
         return _write_failed(output_dir, exc)
     if trainer.is_world_process_zero():
-        print(json.dumps({"output_dir": output_dir, **metrics}, indent=2))
+        print(json.dumps({"output_dir": output_dir, "evaluated_on": prepared.eval_description, **metrics}, indent=2))
         if run.push_to_hub:
             try:
                 model.push_to_hub(run.push_to_hub)

@@ -59,12 +59,17 @@ def load_raw_dataset(
         if builder is None:
             raise CLIError(f"dataset file {name!r}: unknown extension (use one of {sorted(DATA_EXTENSIONS)}).")
         kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        if builder == "text":  # one text, as in transformers' run_clm: the lines keep their line ends
+            kwargs = {"keep_linebreaks": True}
         return datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return datasets.load_from_disk(str(path))
         if task == "image-classification":
             return datasets.load_dataset("imagefolder", data_dir=str(path))
+        files = [f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        if files and all(f.suffix.lower() == ".txt" for f in files):
+            return datasets.load_dataset("text", data_dir=str(path), keep_linebreaks=True)
         return datasets.load_dataset(str(path))
     if looks_like_path(name):
         raise CLIError(f"dataset {name!r} not found: no such file or folder.")
@@ -83,8 +88,15 @@ def load_raw_dataset(
         ) from exc
 
 
+def is_line_text(ds) -> bool:
+    """Whether `ds` holds the lines of text files (the `text` builder): one text, not documents."""
+    return getattr(getattr(ds, "info", None), "builder_name", None) == "text"
+
+
 def train_eval_splits(raw, train_split: str, eval_split: str | None, seed: int, *, eval_option: str = "--eval-split"):
-    """(train, eval) Datasets: the named splits, else validation/test, else 10% held out of train.
+    """(train, eval, what eval is): the named splits, else validation/test, else 10% held out of train:
+    the first 10% of the lines of text files (contiguous, as run_clm holds out a slice), 10% of the
+    rows at random (seeded) otherwise.
 
     Raises:
         CLIError: a named split is missing, or train has fewer than 2 rows to hold 10% out of (the
@@ -99,17 +111,23 @@ def train_eval_splits(raw, train_split: str, eval_split: str | None, seed: int, 
     if eval_split is not None:
         if eval_split not in raw:
             raise CLIError(f"the dataset has no split {eval_split!r} (splits: {list(raw)}).")
-        return raw[train_split], raw[eval_split]
+        return raw[train_split], raw[eval_split], f"split {eval_split!r}"
     for candidate in ("validation", "valid", "test"):
         if candidate in raw and candidate != train_split:
-            return raw[train_split], raw[candidate]
-    rows = len(raw[train_split])
+            return raw[train_split], raw[candidate], f"split {candidate!r}"
+    full = raw[train_split]
+    rows = len(full)
     if rows < 2:
         raise CLIError(f"the {train_split!r} split has {rows} row{'s' if rows != 1 else ''} and the dataset has no "
                        f"validation or test split: 10% cannot be held out for evaluation; name a split with "
                        f"{eval_option} (splits: {list(raw)}) or give at least 2 rows.")
-    parts = raw[train_split].train_test_split(test_size=0.1, seed=seed)
-    return parts["train"], parts["test"]
+    if is_line_text(full):
+        k = max(1, round(rows * 0.1))
+        return (full.select(range(k, rows)), full.select(range(k)),
+                f"the first {k} of {rows} lines of split {train_split!r} (10% held out, contiguous)")
+    parts = full.train_test_split(test_size=0.1, seed=seed)
+    return (parts["train"], parts["test"],
+            f"{len(parts['test'])} of {rows} rows of split {train_split!r} held out at random (10%, seed {seed})")
 
 
 def pick_column(ds, wanted: str | None, candidates: tuple[str, ...], what: str, option: str, kind: str | None = None) -> str:

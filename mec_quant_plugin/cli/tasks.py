@@ -8,7 +8,7 @@ from typing import Any
 
 from .arguments import DataArguments, EvalArguments
 from .common import CLIError
-from .data import label_encoding, load_raw_dataset, pick_column, take_first, train_eval_splits
+from .data import is_line_text, label_encoding, load_raw_dataset, pick_column, take_first, train_eval_splits
 from .models import load_image_processor, load_model, load_tokenizer
 
 
@@ -156,6 +156,7 @@ class Prepared:
     eval: Any
     collator: Any
     task: str
+    eval_description: str = ""  # what `eval` is: e.g. "split 'validation'", "the first 4 of 40 lines of ..."
 
 
 def prepare_task(
@@ -170,8 +171,9 @@ def prepare_task(
     raw = load_raw_dataset(data.dataset, task, config=data.dataset_config,
                            max_train_samples=max_train if fashion else None,
                            max_eval_samples=data.max_eval_samples if fashion else None)
-    train, evals = train_eval_splits(raw, train_split, eval_split, seed,
-                                     eval_option="--eval-split" if for_training else "--split")
+    train, evals, eval_description = train_eval_splits(
+        raw, train_split, eval_split, seed, eval_option="--eval-split" if for_training else "--split")
+    line_text = is_line_text(evals)
     if not for_training:
         train = None
     elif data.max_train_samples is not None and task != "causal-lm":
@@ -199,11 +201,12 @@ def prepare_task(
         if tensors is not None:
             train, evals = tensors
             collator = ImageBatchCollator(model.config, processor, fashion=fashion)
-            return Prepared(model, processor, train, evals, collator, task)
+            return _described(Prepared(model, processor, train, evals, collator, task, eval_description), for_training)
         fn = _image_transform(model.config, processor, image_col, label_col, label_map, fashion=fashion)
         train = train.with_transform(fn) if train is not None else None
         evals = evals.with_transform(fn)
-        return Prepared(model, processor, train, evals, default_data_collator, task)
+        return _described(Prepared(model, processor, train, evals, default_data_collator, task, eval_description),
+                          for_training)
 
     tokenizer = load_tokenizer(model_name)
     text_col = pick_column(ref, data.text_column, ("text", "sentence", "content"), "text", "--text-column", kind="string")
@@ -220,16 +223,17 @@ def prepare_task(
         def encode(ds):
             return ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
-        return Prepared(model, tokenizer, encode(train) if train is not None else None, encode(evals),
-                        DataCollatorWithPadding(tokenizer), task)
+        return _described(Prepared(model, tokenizer, encode(train) if train is not None else None, encode(evals),
+                                   DataCollatorWithPadding(tokenizer), task, eval_description), for_training)
 
-    # causal-lm: concatenate the texts (EOS between documents) and cut blocks of block_size tokens
+    # causal-lm: concatenate the texts and cut blocks of block_size tokens, as transformers' run_clm;
+    # an EOS between documents (rows of json/csv/parquet/Hub data), none between the lines of text files
     if model is None:
         model = load_model(task, model_name)
     limit = min(data.block_size, getattr(model.config, "max_position_embeddings", None) or data.block_size)
     if tokenizer.model_max_length and tokenizer.model_max_length < 1e9:
         limit = min(limit, tokenizer.model_max_length)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not line_text else []
 
     def tokenize_lm(batch):
         ids = tokenizer(batch[text_col], add_special_tokens=False, verbose=False)["input_ids"]
@@ -250,7 +254,19 @@ def prepare_task(
     evals = blocks(evals, data.max_eval_samples)
     if (train is not None and len(train) == 0) or len(evals) == 0:
         raise CLIError(f"the texts are shorter than one block of {limit} tokens: lower --block-size.")
-    return Prepared(model, tokenizer, train, evals, default_data_collator, task)
+    return _described(Prepared(model, tokenizer, train, evals, default_data_collator, task, eval_description),
+                      for_training, block=limit)
+
+
+def _described(prepared: Prepared, for_training: bool, block: int | None = None) -> Prepared:
+    """Log what the evaluation scores (which split, how many examples or tokens); returns `prepared`."""
+    import logging
+
+    n = len(prepared.eval)
+    size = f"{n} blocks of {block} tokens ({n * block} tokens)" if block else f"{n} examples"
+    hint = "" if for_training or prepared.eval_description.startswith("split ") else "; --split names another split"
+    logging.getLogger("mec_quant_plugin").info("evaluation scores %s: %s%s", prepared.eval_description, size, hint)
+    return prepared
 
 
 def evaluate(model, dataset, collator, task: str, batch_size: int = 8) -> dict[str, float]:
@@ -261,7 +277,7 @@ def evaluate(model, dataset, collator, task: str, batch_size: int = 8) -> dict[s
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, correct, count, tokens = 0.0, 0, 0, 0
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -269,6 +285,8 @@ def evaluate(model, dataset, collator, task: str, batch_size: int = 8) -> dict[s
             n = batch["labels"].shape[0]
             loss_sum += float(out.loss) * n
             count += n
+            if task == "causal-lm":  # the tokens predicted (each block's first token is not)
+                tokens += int((batch["labels"][:, 1:] != -100).sum())
             if task != "causal-lm":
                 correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
     model.train(was_training)
@@ -276,6 +294,7 @@ def evaluate(model, dataset, collator, task: str, batch_size: int = 8) -> dict[s
     metrics = {"eval_loss": round(loss, 6), "eval_samples": count}
     if task == "causal-lm":
         metrics["eval_perplexity"] = round(math.exp(min(loss, 50.0)), 4)
+        metrics["eval_tokens"] = tokens
     else:
         metrics["eval_accuracy"] = round(correct / max(count, 1), 6)
     return metrics

@@ -246,6 +246,9 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
             (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
     except OSError as exc:
         return _write_failed(output_dir, exc)
+    except CLIError as exc:  # found while reading the data (e.g. an image with pixels out of range)
+        print(f"mec-quant train: error: {exc}", file=sys.stderr)
+        return 1
     if trainer.is_world_process_zero():
         print(json.dumps({"output_dir": output_dir, "evaluated_on": prepared.eval_description, **metrics}, indent=2))
         if run.push_to_hub:

@@ -4,16 +4,54 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arguments import DataArguments, EvalArguments
 from .common import CLIError
 from .data import is_line_text, label_encoding, load_raw_dataset, pick_column, take_first, train_eval_splits
 from .models import load_image_processor, load_model, load_tokenizer
 
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def unit_range_pixels(img) -> np.ndarray:
+    """One image (PIL, array or nested list; HxW, HxWxC or CxHxW) as float32 values in [0, 1]:
+    integer pixels (uint8, or the int64 that `np.asarray` makes of the lists `datasets` hands over for
+    Array2D/Array3D uint8) are divided by 255; float pixels must already be in [0, 1].
+
+    Raises:
+        CLIError: integers outside 0..255 or floats outside 0..1 (the model would see inputs out of the
+            range its preprocessing expects).
+    """
+    import numpy as np
+
+    arr = np.asarray(img)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise CLIError(f"image pixels must be integers in 0..255 or floats in 0..1, got integers in "
+                           f"[{arr.min()}, {arr.max()}]; rescale the image column first.")
+        return arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32)
+    if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+        raise CLIError(f"image pixels must be integers in 0..255 or floats in 0..1, got floats in "
+                       f"[{arr.min()}, {arr.max()}]; store uint8 pixels or scale the floats to 0..1 first.")
+    return arr
+
+
+def _hwc(arr):
+    """HxW or HxWxC (a CxHxW array with C in 1, 3, 4 is transposed)."""
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)
+    return arr
+
 
 def _image_transform(model_config, processor, image_column: str, label_column: str, label_map, fashion: bool):
-    """A `with_transform` function: images -> `pixel_values` (model's channels and size) + `labels`."""
+    """A `with_transform` function: images -> `pixel_values` (model's channels and size) + `labels`.
+    Every storage (PIL, uint8 / int arrays and lists, float 0..1 arrays and lists) reaches the model
+    as pixels / 255, then resized and standardized (or through the model's image processor)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -32,13 +70,10 @@ def _image_transform(model_config, processor, image_column: str, label_column: s
         mean, std = 0.5, 0.5
 
     def to_chw(img) -> torch.Tensor:
-        arr = np.asarray(img.convert("RGB" if channels == 3 else "L") if hasattr(img, "convert") else img)
-        t = torch.as_tensor(arr)
-        if t.ndim == 2:
-            t = t.unsqueeze(0)
-        elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
-            t = t.permute(2, 0, 1)
-        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        if hasattr(img, "convert"):
+            img = img.convert("RGB" if channels == 3 else "L")
+        t = torch.from_numpy(np.ascontiguousarray(_hwc(unit_range_pixels(img))))
+        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
         if t.shape[0] == 4:
             t = t[:3]
         if t.shape[0] == 1 and channels == 3:
@@ -47,14 +82,18 @@ def _image_transform(model_config, processor, image_column: str, label_column: s
             t = t.mean(0, keepdim=True)
         return t
 
+    def to_pil(img):
+        from PIL import Image
+
+        if not hasattr(img, "convert"):
+            arr = np.round(_hwc(unit_range_pixels(img)) * 255.0).astype(np.uint8)
+            img = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+        return img.convert("RGB" if channels == 3 else "L")
+
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         images = batch[image_column]
         if processor is not None:
-            from PIL import Image
-
-            pil = [im if hasattr(im, "convert") else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
-            pil = [im.convert("RGB" if channels == 3 else "L") for im in pil]
-            pixels = list(processor(images=pil, return_tensors="pt")["pixel_values"])
+            pixels = list(processor(images=[to_pil(im) for im in images], return_tensors="pt")["pixel_values"])
         else:
             tensors = [to_chw(im) for im in images]
             target = size or tuple(tensors[0].shape[-2:])
@@ -146,6 +185,23 @@ class ImageBatchCollator:
         return {"pixel_values": (x - self.mean) / self.std, "labels": labels}
 
 
+def image_datasets(model_config, processor, train, evals, image_col: str, label_col: str, label_map, *,
+                   fashion: bool, augment: bool):
+    """(train, eval, collator) turning an image column into the model's `pixel_values` (and `labels`):
+    decoded once when the images allow it (`_decoded_image_sets` + `ImageBatchCollator`), else per
+    image (`_image_transform`, the datasets' `with_transform`). `train` may be None (evaluation only)."""
+    from transformers import default_data_collator
+
+    tensors = _decoded_image_sets(train, evals, image_col, label_col, label_map, augment=augment)
+    if tensors is not None:
+        return tensors[0], tensors[1], ImageBatchCollator(model_config, processor, fashion=fashion)
+    fn = _image_transform(model_config, processor, image_col, label_col, label_map, fashion=fashion)
+    for ds in (train, evals):  # pixels out of range: a usage error now, not a traceback once training runs
+        if ds is not None and len(ds):
+            fn(ds[:1])
+    return (train.with_transform(fn) if train is not None else None), evals.with_transform(fn), default_data_collator
+
+
 @dataclass
 class Prepared:
     """Everything a task needs: model, processing class, datasets ready for the model, collator."""
@@ -195,18 +251,9 @@ def prepare_task(
     if task == "image-classification":
         image_col = pick_column(ref, data.image_column, ("image", "img", "pixel_values"), "image", "--image-column")
         processor = load_image_processor(model_name)
-        fashion = data.dataset.lower().startswith("fashion")
-        tensors = _decoded_image_sets(train, evals, image_col, label_col, label_map,
-                                      augment=for_training and getattr(data, "augment", False))
-        if tensors is not None:
-            train, evals = tensors
-            collator = ImageBatchCollator(model.config, processor, fashion=fashion)
-            return _described(Prepared(model, processor, train, evals, collator, task, eval_description), for_training)
-        fn = _image_transform(model.config, processor, image_col, label_col, label_map, fashion=fashion)
-        train = train.with_transform(fn) if train is not None else None
-        evals = evals.with_transform(fn)
-        return _described(Prepared(model, processor, train, evals, default_data_collator, task, eval_description),
-                          for_training)
+        train, evals, collator = image_datasets(model.config, processor, train, evals, image_col, label_col, label_map,
+                                                fashion=fashion, augment=for_training and getattr(data, "augment", False))
+        return _described(Prepared(model, processor, train, evals, collator, task, eval_description), for_training)
 
     tokenizer = load_tokenizer(model_name)
     text_col = pick_column(ref, data.text_column, ("text", "sentence", "content"), "text", "--text-column", kind="string")

@@ -31,10 +31,12 @@ def _to_chw_uint8(image) -> np.ndarray:
         image = image.convert("RGB") if image.mode not in ("L", "RGB") else image
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        if arr.size and (arr.min() < 0 or arr.max() > 255 or not np.all(np.mod(arr, 1) == 0)):
+        # integers only: float pixels mean 0..1 (a float 1.0 is white, not 1/255), so they are not decoded here
+        if not np.issubdtype(arr.dtype, np.integer) or (arr.size and (arr.min() < 0 or arr.max() > 255)):
             raise ValueError(
-                f"decode_images expects uint8-range pixel values (0..255), got values in "
-                f"[{arr.min()}, {arr.max()}] of dtype {arr.dtype}; pass float images through your own collator."
+                f"decode_images expects integer pixel values in 0..255, got "
+                f"{f'values in [{arr.min()}, {arr.max()}] of ' if arr.size else ''}dtype {arr.dtype}; "
+                "pass float images through your own collator."
             )
         arr = arr.astype(np.uint8)
     if arr.ndim == 2:

@@ -177,6 +177,17 @@ def test_builtin_job_reuses_its_own_folder(tmp_path, monkeypatch):
     assert calls == [str(earlier), str(marked), str(marked)]
 
 
+def test_builtin_job_on_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    import mec_quant_plugin.demo
+
+    def full(output_dir, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{output_dir}/fp/model.safetensors")
+
+    monkeypatch.setattr(mec_quant_plugin.demo, "run_default", full)
+    assert run_cli(["train", "--output-dir", tmp_path / "demo"]) == 1
+    assert "No space left on device" in one_error_line(capsys)
+
+
 # ---- 7. a one-row data set -------------------------------------------------------------------------
 
 

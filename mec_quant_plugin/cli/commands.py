@@ -71,6 +71,8 @@ def _run_builtin_default(parser, run: RunArguments, config, opts: TrainOptions, 
     except FashionMNISTNotFound as exc:
         print(f"mec-quant train: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk or a folder turned read-only
+        return _write_failed(output_dir, exc)
     if run.push_to_hub:
         logger.warning("--push-to-hub is not used by the built-in default job; push %s yourself.",
                        f"{run.output_dir or DEFAULT_DEMO_DIR}/mec-quant")

@@ -109,6 +109,37 @@ def _granularity(weight: torch.Tensor) -> str:
     return f" per group of {block[1]}" if weight.dim() > 1 else f" in blocks of {tuple(block)}"
 
 
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers quantized and stored the same way (one line of `quantization_report`).
+
+    Attributes:
+        bits: the `W{w}A{a}` label, or "float (not quantized)".
+        storage: what each layer's weight tensor holds (see `LayerQuantization.storage`).
+        names: the layers' module names, in model order.
+    """
+
+    bits: str
+    storage: str
+    names: tuple[str, ...]
+
+
+def quantization_groups(model: nn.Module) -> list[LayerGroup]:
+    """The model's weight layers grouped by (bits, storage), in model order: what
+    `quantization_report` prints one line each for, and the model card's table lists.
+
+    Example:
+        >>> [(g.bits, len(g.names)) for g in quantization_groups(converted_gpt2)]
+        [('W8A8', 1), ('W2A2', 8), ('W8A8', 1)]
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, mod in model.named_modules():
+        layer = describe_layer(mod)
+        if layer is not None:
+            groups.setdefault((layer.bits, layer.storage), []).append(name)
+    return [LayerGroup(bits, storage, tuple(names)) for (bits, storage), names in groups.items()]
+
+
 def quantization_report(model: nn.Module) -> str:
     """Which layers are quantized at which bits and what their weights store, and what stays float.
 
@@ -120,15 +151,11 @@ def quantization_report(model: nn.Module) -> str:
     Example:
         >>> print(quantization_report(prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))))
     """
-    groups: dict[tuple[str, str], list[str]] = {}
     bypassed: dict[str, list[str]] = {}
     for name, mod in model.named_modules():
-        layer = describe_layer(mod)
-        if layer is not None:
-            groups.setdefault((layer.bits, layer.storage), []).append(name)
-        elif bypassed_reason(mod):
+        if describe_layer(mod) is None and bypassed_reason(mod):
             bypassed.setdefault(bypassed_reason(mod), []).append(name)
-    lines = [f"{bits}: {len(names)} layers, {storage} ({_shown(names)})" for (bits, storage), names in groups.items()]
+    lines = [f"{g.bits}: {len(g.names)} layers, {g.storage} ({_shown(list(g.names))})" for g in quantization_groups(model)]
     lines += [f"{BYPASSED}: {len(names)} layers ({_shown(names)}): {why}" for why, names in bypassed.items()]
     holders = Counter(
         type(m).__name__

@@ -6,14 +6,24 @@ What a saved folder holds:
   int weights in a process that never imports this plugin (weight-only);
 - `mec_quant_config.json`: our settings (MECQuantConfig) and, per layer, the activation bits and
   signedness needed to rebuild the activation quantizers, whose learned steps are in
-  `mec_quant_activations.safetensors`; `from_pretrained` below reads both;
+  `mec_quant_activations.safetensors`; `from_pretrained` below reads both; plus the run facts the
+  model card is written from, so a reloaded model saves again with the same card;
 - `README.md`: a model card generated from the run.
+
+A model whose weights all stayed float (weight_bits=None and float edge layers) gets no torchao
+`quantization_config`: it is a plain transformers model plus our activation files. Otherwise the
+advertised config names bits that some stored int weights really have (the body's).
 
 A save is atomic as a whole: everything is written into a temporary sibling folder, which then
 replaces the target (files of the target that are not part of a model, such as checkpoints, are
 moved over); an interrupted or failed save (a full disk included) leaves the previous folder as it
-was. `mec_quant_config.json` holds a fingerprint of the weights files it was saved with, and
-`from_pretrained` refuses files that do not belong together. Non-finite weights are never saved.
+was. `mec_quant_config.json` (format_version 2) holds a fingerprint: sha256 digests of the weights
+files, of the activations file and of the canonical JSON of the quantization settings it was saved
+with; `from_pretrained` refuses a folder whose files do not belong together or whose settings were
+edited by hand (they would silently change the outputs), and a format_version it does not know.
+The fingerprint guards against accidents (mixed saves, hand edits), not against someone who
+recomputes it. Folders saved before fingerprints (format_version 1) still load. Non-finite weights
+are never saved.
 
 Why a wrapper around `save_pretrained` (set on the instance, so `Trainer.save_model` and
 `push_to_hub`, which both call `model.save_pretrained`, write our files too): transformers'
@@ -30,8 +40,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,33 +53,68 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import MECQuantConfig
-from ..modules.base import FakeQuantizedModule
+from ..modules.base import LEVELS_ATTR, FakeQuantizedModule
 from ..modules.registry import fake_quantized_class_for
 from ..quantizers import ActivationFakeQuantizer
 from .model_card import write_model_card
-from .transformers_internals import attach_torchao_quantizer, wrap_save_pretrained
+from .transformers_internals import attach_torchao_quantizer, forget_load_only_conversions, wrap_save_pretrained
 
 logger = logging.getLogger("mec_quant_plugin")
 
 MEC_CONFIG_FILE = "mec_quant_config.json"
 ACTIVATIONS_FILE = "mec_quant_activations.safetensors"
+FORMAT_VERSION = 2
+# 1: no fingerprint, or `weights_fingerprint` (the weights files only); 2: `fingerprint` below.
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 _ACT_KEY = ".activation_fake_quantizer."
 
 
-def standard_torchao_config(config: MECQuantConfig) -> Any:
+def standard_torchao_config(config: MECQuantConfig, bits: int | None = None) -> Any:
     """The `TorchAoConfig(IntxWeightOnlyConfig(...))` advertised in config.json.
 
     torchao's allowlist only reloads its own config classes, so we advertise the standard
-    weight-only config (the body's bit-width); each tensor carries its own bits and block size.
+    weight-only config at `bits` (default: the body's `config.weight_bits`); each tensor carries
+    its own bits and block size.
+
+    Raises:
+        ValueError: no bits to advertise (`bits` and `config.weight_bits` both None): a model with
+            float weights gets no torchao config (see `stored_weight_bits`).
     """
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
     from transformers import TorchAoConfig
 
-    bits = config.weight_bits or 8
+    bits = bits or config.weight_bits
+    if bits is None:
+        raise ValueError("standard_torchao_config needs int weight bits: weight_bits=None stores float weights, "
+                         "which need no torchao config.")
     dtype = torch.int8 if bits == 8 else getattr(torch, f"int{bits}")
-    granularity = PerGroup(config.group_size) if config.weight_granularity == "per_group" else PerAxis(0)
+    per_group = config.weight_granularity == "per_group" and bits == config.weight_bits
+    granularity = PerGroup(config.group_size) if per_group else PerAxis(0)
     return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity))
+
+
+def stored_weight_bits(model: nn.Module) -> Counter[int]:
+    """How many layers store torchao int weights, per bit-width (empty: every weight is float)."""
+    from torchao.utils import TorchAOBaseTensor
+
+    found: Counter[int] = Counter()
+    for mod in model.modules():
+        weight = getattr(mod, "weight", None)
+        if isinstance(weight, TorchAOBaseTensor):
+            match = re.search(r"int(\d+)", str(getattr(weight, "target_dtype", "")))
+            match = match or re.search(r"Int(\d+)", type(weight).__name__)
+            if match:
+                found[int(match.group(1))] += 1
+    return found
+
+
+def _advertised_bits(model: nn.Module, config: MECQuantConfig) -> int | None:
+    """The body's bits when some layer stores them, else the most common stored bits, else None."""
+    stored = stored_weight_bits(model)
+    if not stored:
+        return None
+    return config.weight_bits if config.weight_bits in stored else stored.most_common(1)[0][0]
 
 
 def activation_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -96,7 +143,10 @@ def make_saveable(
     if any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None for m in model.modules()):
         raise ValueError("make_saveable needs a converted model: call convert_model(model) first.")
     if hasattr(model, "config"):
-        attach_torchao_quantizer(model, standard_torchao_config(config), _TiedFreeView)
+        bits = _advertised_bits(model, config)
+        if bits is not None:
+            attach_torchao_quantizer(model, standard_torchao_config(config, bits), _TiedFreeView)
+        forget_load_only_conversions(model)
     model.__dict__["_mec_quant_config"] = config
     model.__dict__["_mec_quant_run_info"] = dict(run_info or {})
     if hasattr(model, "save_pretrained"):
@@ -144,9 +194,7 @@ def _non_finite(model: nn.Module) -> list[str]:
     return bad
 
 
-def weights_fingerprint(folder: str | os.PathLike) -> str | None:
-    """sha256 over the folder's `model*.safetensors` files (names and bytes); None when there are none."""
-    files = sorted(p for p in Path(folder).glob("model*.safetensors") if p.is_file())
+def _files_digest(files: list[Path]) -> str | None:
     if not files:
         return None
     digest = hashlib.sha256()
@@ -155,6 +203,29 @@ def weights_fingerprint(folder: str | os.PathLike) -> str | None:
         with file.open("rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
+
+
+def weights_fingerprint(folder: str | os.PathLike) -> str | None:
+    """sha256 over the folder's `model*.safetensors` files (names and bytes); None when there are none."""
+    return _files_digest(sorted(p for p in Path(folder).glob("model*.safetensors") if p.is_file()))
+
+
+# The parts of mec_quant_config.json that decide the model's outputs (run_info only feeds the card).
+_SETTINGS_KEYS = ("format_version", "mec_quant_config", "activation_quantizers", "float_weight_levels")
+
+
+def fingerprint(folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, str | None]:
+    """The digests format_version 2 stores: `weights` (see `weights_fingerprint`), `activations`
+    (mec_quant_activations.safetensors) and `settings` (sha256 of the canonical JSON, sorted keys
+    and no spaces, of `meta`'s format_version, mec_quant_config, activation_quantizers and
+    float_weight_levels)."""
+    settings = json.dumps({k: meta.get(k) for k in _SETTINGS_KEYS}, sort_keys=True, separators=(",", ":"))
+    activations = Path(folder) / ACTIVATIONS_FILE
+    return {
+        "weights": weights_fingerprint(folder),
+        "activations": _files_digest([activations] if activations.is_file() else []),
+        "settings": hashlib.sha256(settings.encode()).hexdigest(),
+    }
 
 
 def save_atomically(model: nn.Module, write_weights: Callable[[str | os.PathLike], Any],
@@ -177,7 +248,7 @@ def save_atomically(model: nn.Module, write_weights: Callable[[str | os.PathLike
     tmp.mkdir()
     try:
         result = write_weights(tmp)
-        write_mec_files(model, tmp)
+        write_mec_files(model, tmp, name=target.name)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -197,28 +268,33 @@ def save_atomically(model: nn.Module, write_weights: Callable[[str | os.PathLike
     return result
 
 
-def write_mec_files(model: nn.Module, save_directory: str | os.PathLike) -> None:
-    """Write `mec_quant_config.json`, `mec_quant_activations.safetensors` and README.md."""
+def write_mec_files(model: nn.Module, save_directory: str | os.PathLike, *, name: str | None = None) -> None:
+    """Write `mec_quant_activations.safetensors`, `mec_quant_config.json` (with the fingerprint of
+    the weights files already in the folder, if any) and README.md (titled `name`, default the
+    folder's name)."""
     config: MECQuantConfig = model.__dict__.get("_mec_quant_config") or MECQuantConfig()
     run_info = model.__dict__.get("_mec_quant_run_info", {})
     path = Path(save_directory)
     path.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format_version": 1,
-        "mec_quant_config": config.to_dict(),
-        "activation_quantizers": activation_layout(model),
-        "weights_fingerprint": weights_fingerprint(path),  # of the weights saved alongside, if any
-    }
     act_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if _ACT_KEY in k}
     # Each file is written under a temporary name and renamed: a killed save leaves the previous
     # file or none, never half a file.
     tmp = path / (ACTIVATIONS_FILE + ".tmp")
     save_file(act_state, str(tmp))
     os.replace(tmp, path / ACTIVATIONS_FILE)
+    payload: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "mec_quant_config": config.to_dict(),
+        "activation_quantizers": activation_layout(model),
+        # layers whose converted weight stays float holding the levels (GPT-2's Conv1D), for the report
+        "float_weight_levels": {n: m.__dict__[LEVELS_ATTR] for n, m in model.named_modules() if LEVELS_ATTR in m.__dict__},
+        "run_info": json.loads(json.dumps(run_info, default=str)),
+    }
+    payload["fingerprint"] = fingerprint(path, payload)
     tmp = path / (MEC_CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path / MEC_CONFIG_FILE)
-    write_model_card(model, config, run_info, path)
+    write_model_card(model, config, run_info, path, name=name)
 
 
 def restore_activation_quantizers(model: nn.Module, folder: str | os.PathLike) -> int:
@@ -227,13 +303,14 @@ def restore_activation_quantizers(model: nn.Module, folder: str | os.PathLike) -
 
     Raises:
         FileNotFoundError: the folder has no mec_quant_config.json (not saved by this plugin).
-        ValueError: a listed layer is missing from the model or of an unsupported type.
+        ValueError: an unknown format_version, files that do not belong together or edited
+            settings (see `read_mec_metadata`); a listed layer is missing from the model or of an
+            unsupported type.
     """
-    folder = Path(folder)
-    meta_path = folder / MEC_CONFIG_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: the folder was not saved by mec_quant_plugin.")
-    meta = json.loads(meta_path.read_text())
+    return _restore_activation_quantizers(model, Path(folder), read_mec_metadata(folder))
+
+
+def _restore_activation_quantizers(model: nn.Module, folder: Path, meta: dict[str, Any]) -> int:
     layout: dict[str, dict[str, Any]] = meta.get("activation_quantizers", {})
     tensors = load_file(str(folder / ACTIVATIONS_FILE)) if layout else {}
     for name, spec in layout.items():
@@ -251,6 +328,8 @@ def restore_activation_quantizers(model: nn.Module, folder: str | os.PathLike) -
         afq: ActivationFakeQuantizer = layer.activation_fake_quantizer
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".activation_fake_quantizer.")}
         afq.load_state_dict(state)
+    for name, levels in meta.get("float_weight_levels", {}).items():
+        model.get_submodule(name).__dict__[LEVELS_ATTR] = levels
     return len(layout)
 
 
@@ -277,16 +356,58 @@ def model_class_from_config(folder: str | os.PathLike) -> type[nn.Module]:
     return cls
 
 
-def check_fingerprint(folder: str | os.PathLike) -> None:
-    """Raise ValueError when `mec_quant_config.json` was saved with other weights than the folder's
-    (e.g. a save interrupted by an older version of the plugin); folders saved before fingerprints pass."""
+def read_mec_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """`mec_quant_config.json` of a saved folder, once its format_version is known and its
+    fingerprint matches the folder's files and its own settings.
+
+    Raises:
+        FileNotFoundError: the folder has no mec_quant_config.json (not saved by this plugin).
+        ValueError: a format_version this plugin does not read; a fingerprint that does not match
+            (files of two saves mixed, or settings edited by hand after saving).
+    """
     meta_path = Path(folder) / MEC_CONFIG_FILE
     if not meta_path.is_file():
-        return  # restore_activation_quantizers says the folder was not saved by the plugin
-    expected = json.loads(meta_path.read_text()).get("weights_fingerprint")
-    if expected is not None and weights_fingerprint(folder) != expected:
-        raise ValueError(f"{meta_path.name} and {ACTIVATIONS_FILE} in {folder} do not belong to the weights "
-                         "(model*.safetensors) next to them: the folder mixes two saves; save the model again.")
+        raise FileNotFoundError(f"{meta_path} not found: the folder was not saved by mec_quant_plugin.")
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(
+            f"{meta_path} has format_version {version!r}; this mec_quant_plugin reads format_version "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}. A newer plugin may have saved it: upgrade "
+            "mec-quant-plugin.")
+    mixed = (f"do not belong to the weights (model*.safetensors) next to them in {folder}: the folder mixes two "
+             "saves; save the model again.")
+    if version == 1:
+        expected = meta.get("weights_fingerprint")
+        if expected is not None and weights_fingerprint(folder) != expected:
+            raise ValueError(f"{MEC_CONFIG_FILE} and {ACTIVATIONS_FILE} {mixed}")
+        if expected is None:
+            logger.info("%s was saved before fingerprints (format_version 1): its files cannot be checked.", meta_path)
+        return meta
+    expected = meta.get("fingerprint")
+    if not isinstance(expected, dict):
+        raise ValueError(f"{meta_path} (format_version {version}) has no fingerprint: it was edited by hand; "
+                         "save the model again.")
+    actual = fingerprint(folder, meta)
+    if actual["settings"] != expected.get("settings"):
+        raise ValueError(
+            f"The quantization settings in {meta_path} (mec_quant_config, activation_quantizers) were changed after "
+            "saving: they no longer match their fingerprint. The weights and activation steps were trained with the "
+            "saved settings, so edited ones would silently change the outputs. Restore the file; to change the bits, "
+            "prepare and train the model again.")
+    if actual["activations"] != expected.get("activations"):
+        raise ValueError(f"{ACTIVATIONS_FILE} {mixed}")
+    if actual["weights"] != expected.get("weights"):
+        raise ValueError(f"{MEC_CONFIG_FILE} and {ACTIVATIONS_FILE} {mixed}")
+    return meta
+
+
+def check_fingerprint(folder: str | os.PathLike) -> None:
+    """Raise ValueError when the folder's plugin files do not belong together or to the weights,
+    when its settings were edited after saving, or when its format_version is unknown (see
+    `read_mec_metadata`); a folder without `mec_quant_config.json` passes (not the plugin's)."""
+    if (Path(folder) / MEC_CONFIG_FILE).is_file():
+        read_mec_metadata(folder)
 
 
 def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
@@ -299,9 +420,14 @@ def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
     Example:
         >>> model = mec_quant_plugin.from_pretrained("user/resnet-w2a2-mec")
 
+    The model comes back ready to save again (`make_saveable` with the saved settings and run
+    facts): `save_pretrained` writes the same kind of folder.
+
     Raises:
-        ValueError: config.json names no architecture transformers knows, or the plugin's files
-            were saved with other weights than the folder holds (see `check_fingerprint`).
+        FileNotFoundError: the folder has no mec_quant_config.json (not saved by this plugin).
+        ValueError: config.json names no architecture transformers knows; the plugin's files do
+            not belong together, their settings were edited after saving, or their format_version
+            is unknown (see `read_mec_metadata`). Checked before any weight is loaded.
     """
     folder = Path(path_or_repo_id)
     if not folder.is_dir():
@@ -310,10 +436,9 @@ def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
         folder = Path(snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
         # only safetensors and JSON are fetched: nothing is ever unpickled
     cls = model_class_from_config(folder)
-    check_fingerprint(folder)
+    meta = read_mec_metadata(folder)
     kwargs.setdefault("trust_remote_code", False)
     model = cls.from_pretrained(str(folder), **kwargs)
-    restore_activation_quantizers(model, folder)
-    meta = json.loads((folder / MEC_CONFIG_FILE).read_text())
-    model.__dict__["_mec_quant_config"] = MECQuantConfig.from_dict(meta["mec_quant_config"])
+    _restore_activation_quantizers(model, folder, meta)
+    make_saveable(model, MECQuantConfig.from_dict(meta["mec_quant_config"]), run_info=meta.get("run_info"))
     return model.eval()

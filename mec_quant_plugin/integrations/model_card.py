@@ -1,100 +1,208 @@
-"""The model card (README.md of a saved folder), generated from the run."""
+"""The model card (README.md of a saved folder), generated from the run.
+
+The YAML header is written by huggingface_hub's `ModelCardData` (a YAML library quotes every
+string, so a base model or dataset name holding ": " or a newline cannot break it). The plugin's
+part of the body sits between `SECTION_START` and `SECTION_END`, so `update_model_card` can merge
+it into a card someone else wrote, e.g. the one `Trainer.create_model_card()` writes over ours
+(`Trainer.push_to_hub()` calls it before uploading).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import uuid
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..config import MECQuantConfig
-from ..modules.base import FakeQuantizedModule
 from ..options import bits_label
+from ..report import FLOAT, LayerGroup, quantization_groups
+
+SECTION_START = "<!-- mec-quant-plugin: start (written by mec_quant_plugin; regenerated on save) -->"
+SECTION_END = "<!-- mec-quant-plugin: end -->"
+TAGS = ("mec-quant", "torchao", "qat")
+_PACKAGE = "mec-quant-plugin"
 
 
-def _bits_per_group(model: nn.Module) -> dict[str, list[str]]:
-    """'W2A2' -> layer names, read off the converted model (int weights carry their dtype)."""
-    groups: dict[str, list[str]] = {}
-    for name, mod in model.named_modules():
-        weight = getattr(mod, "weight", None)
-        target = getattr(weight, "target_dtype", None)
-        if target is None:
-            continue
-        wbits = str(target).replace("torch.int", "")
-        afq = mod.activation_fake_quantizer if isinstance(mod, FakeQuantizedModule) else None
-        key = bits_label(wbits, None if afq is None else afq.bits)
-        groups.setdefault(key, []).append(name)
-    return groups
+def project_url() -> str | None:
+    """The package's own page as declared in its metadata (`[project.urls]` of pyproject.toml:
+    Repository, Source or Homepage first), or None when it declares none: the card links only to
+    a page that exists."""
+    try:
+        meta = metadata.metadata(_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+    urls = {}
+    for entry in meta.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        urls[label.strip().lower()] = url.strip()
+    for label in ("repository", "source", "homepage", "home"):
+        if urls.get(label, "").startswith("https://"):
+            return urls[label]
+    home = meta.get("Home-page") or ""
+    return home if home.startswith("https://") else None
 
 
-def write_model_card(model: nn.Module, config: MECQuantConfig, run_info: dict[str, Any], folder: Path) -> None:
-    """Write README.md with YAML metadata (tags, base model, metrics) and how to load the model."""
+def _inline(text: Any) -> str:
+    """`text` on one Markdown line: whitespace runs (newlines included) become one space and
+    backticks quotes, so it can neither start a line of its own nor close a code span."""
+    return " ".join(str(text).split()).replace("`", "'")
+
+
+def _cell(text: Any) -> str:
+    return _inline(text).replace("|", "\\|")
+
+
+def _fenced(lang: str, text: str) -> list[str]:
+    """A fenced code block longer than any backtick run inside `text` (which cannot close it)."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return [fence + lang, text, fence]
+
+
+def _python_str(text: Any) -> str:
+    """A Python string literal of `text` (JSON's escapes are valid Python; backticks escaped too)."""
+    return json.dumps(str(text)).replace("`", "\\u0060")
+
+
+def _has_low_bit_activations(groups: list[LayerGroup]) -> bool:
+    return any(g.bits != FLOAT and not g.bits.endswith("Afloat") for g in groups)
+
+
+def quantization_section(model: nn.Module, config: MECQuantConfig, run_info: dict[str, Any], name: str) -> str:
+    """The plugin's part of the card (between the markers): per layer group what is stored and
+    how (the lines of `quantization_report`), the settings, metrics, and how to load the model."""
     base = run_info.get("base_model")
-    task = run_info.get("task", "")
-    metrics = run_info.get("metrics", {})
-    groups = _bits_per_group(model)
-    has_act = any(not k.endswith("Afloat") for k in groups)
-    header = ["---", "library_name: transformers", "tags:", "- mec-quant", "- torchao", "- qat"]
-    if base:
-        header.append(f"base_model: {base}")
-    if task:
-        header.append(f"pipeline_tag: {task}")
-    if run_info.get("dataset"):
-        header += ["datasets:", f"- {run_info['dataset']}"]
-    header.append("---")
-    name = folder.name or "model"
+    task = run_info.get("task")
+    metrics = run_info.get("metrics") or {}
+    repo = run_info.get("repo_id") or name
+    groups = quantization_groups(model)
+    url = project_url()
+    plugin = f"[{_PACKAGE}]({url})" if url else f"`{_PACKAGE}`"
     lines = [
-        *header,
+        SECTION_START,
+        f"## MEC-Quant quantization: {bits_label(config.weight_bits, config.act_bits, ternary=config.ternary)}",
         "",
-        f"# {name}: MEC-Quant {bits_label(config.weight_bits, config.act_bits)}",
+        f"Quantization-aware trained with {plugin}"
+        + (f" from `{_inline(base)}`" if base else "")
+        + (f" for {_inline(task)}" if task else "")
+        + ".",
         "",
-        "Quantization-aware trained with [mec-quant-plugin](https://pypi.org/project/mec-quant-plugin/)"
-        + (f" from `{base}`" if base else "")
-        + (f" for {task}" if task else "")
-        + ". Weights are stored as torchao `IntxUnpackedToInt8Tensor` (one int8 byte per weight plus "
-        "learned per-channel scales).",
+        "### What each layer group stores",
         "",
-        "## Bits per layer group",
-        "",
-        "| group | layers | examples |",
-        "|---|---|---|",
+        "| bits | layers | stored as | examples |",
+        "|---|---|---|---|",
     ]
-    for key, names in groups.items():
-        lines.append(f"| {key} | {len(names)} | {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} |")
-    lines += ["", "## Method and objective settings", "", "```json", config.to_json(), "```", ""]
+    for g in groups:
+        shown = ", ".join(g.names[:3]) + (" ..." if len(g.names) > 3 else "")
+        lines.append(f"| {g.bits} | {len(g.names)} | {_cell(g.storage)} | {_cell(shown)} |")
+    lines.append("")
+    if any("holding the" in g.storage for g in groups):
+        lines += [
+            "Layers without a torchao int kernel (e.g. GPT-2's `Conv1D`) keep float weights that hold exactly the",
+            "quantized levels: they reproduce the quantized model but take float space on disk and in memory.",
+            "",
+        ]
+    lines += ["### Method and objective settings", "", *_fenced("json", config.to_json()), ""]
     if metrics:
-        lines += ["## Metrics (from the Trainer)", "", "| metric | value |", "|---|---|"]
+        lines += ["### Metrics (from the Trainer)", "", "| metric | value |", "|---|---|"]
         for k, v in sorted(metrics.items()):
-            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+            lines.append(f"| {_cell(k)} | {v:.4f} |" if isinstance(v, float) else f"| {_cell(k)} | {_cell(v)} |")
         lines.append("")
+    int_weights = any(g.storage.startswith("int") for g in groups)
     lines += [
-        "## How to load",
+        "### How to load",
         "",
         "With the plugin (int weights AND the learned low-bit activation quantizers, reproducing the",
         "trained model's outputs):",
         "",
-        "```python",
-        "import mec_quant_plugin",
-        f'model = mec_quant_plugin.from_pretrained("{run_info.get("repo_id", name)}")',
-        "```",
+        *_fenced("python", f"import mec_quant_plugin\nmodel = mec_quant_plugin.from_pretrained({_python_str(repo)})"),
         "",
-        "Without the plugin (plain transformers + torchao):",
+        "Without the plugin (plain transformers" + (" + torchao" if int_weights else "") + "):",
         "",
-        "```python",
-        "from transformers import AutoModel  # or the task's Auto class",
-        f'model = AutoModel.from_pretrained("{run_info.get("repo_id", name)}")',
-        "```",
+        *_fenced("python", "from transformers import AutoModel  # or the task's Auto class\n"
+                 f"model = AutoModel.from_pretrained({_python_str(repo)})"),
         "",
     ]
-    if has_act:
+    if _has_low_bit_activations(groups):
         lines += [
             "> **Warning:** this model was trained with low-bit activations. Loaded without the plugin it",
             "> runs WEIGHT-ONLY (activations in float), which is not the trained model: its accuracy can",
             "> differ. Load it with `mec_quant_plugin.from_pretrained` to reproduce the trained numerics.",
             "",
         ]
-    if run_info:
-        extra = {k: v for k, v in run_info.items() if k not in ("metrics",)}
-        lines += ["## Run", "", "```json", json.dumps(extra, indent=2, sort_keys=True, default=str), "```", ""]
-    (folder / "README.md").write_text("\n".join(lines))
+    extra = {k: v for k, v in run_info.items() if k != "metrics"}
+    if extra:
+        lines += ["### Run", "", *_fenced("json", json.dumps(extra, indent=2, sort_keys=True, default=str)), ""]
+    lines.append(SECTION_END)
+    return "\n".join(lines)
+
+
+def _card_data(run_info: dict[str, Any], existing: dict[str, Any] | None = None) -> Any:
+    """The YAML header's data: `existing` (another writer's header) kept, our tags added, and
+    base model / task / dataset filled in where it names none."""
+    from huggingface_hub import ModelCardData
+
+    data = dict(existing or {})
+    data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *TAGS]))
+    data.setdefault("library_name", "transformers")
+    if run_info.get("base_model") and not data.get("base_model"):
+        data["base_model"] = str(run_info["base_model"])
+    if run_info.get("task") and not data.get("pipeline_tag"):
+        data["pipeline_tag"] = str(run_info["task"])
+    dataset = run_info.get("dataset")
+    if dataset and not data.get("datasets"):
+        data["datasets"] = [str(d) for d in dataset] if isinstance(dataset, (list, tuple)) else [str(dataset)]
+    return ModelCardData(**data)
+
+
+def _card_text(data: Any, body: str) -> str:
+    return f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_model_card(model: nn.Module, config: MECQuantConfig, run_info: dict[str, Any], folder: Path,
+                     *, name: str | None = None) -> None:
+    """Write `folder/README.md`: the YAML header (tags, base model, task, dataset) and the plugin's
+    section; `name` (default: the folder's) titles it and stands for the repo id in the examples."""
+    name = name or folder.name or "model"
+    title = f"# {_inline(name)}"
+    body = f"{title}\n\n{quantization_section(model, config, run_info, name)}"
+    _write_atomically(folder / "README.md", _card_text(_card_data(run_info), body))
+
+
+def update_model_card(model: nn.Module, readme: str | os.PathLike) -> None:
+    """Put the plugin's section and tags into the card at `readme`, keeping what another writer
+    put there (`Trainer.create_model_card()` writes its card over ours); the section replaces an
+    earlier one, goes before the card's first `## ` heading, or at the end. A model that
+    `make_saveable` has not prepared for saving leaves the card alone; a missing card is created.
+    """
+    from huggingface_hub import ModelCard
+
+    config: MECQuantConfig | None = model.__dict__.get("_mec_quant_config")
+    if config is None:
+        return
+    run_info = model.__dict__.get("_mec_quant_run_info", {})
+    path = Path(readme)
+    body, existing = "", {}
+    if path.is_file():
+        card = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=True)
+        body, existing = card.text, card.data.to_dict()
+    section = quantization_section(model, config, run_info, run_info.get("repo_id") or path.parent.name)
+    if SECTION_START in body and SECTION_END in body:
+        head, _, rest = body.partition(SECTION_START)
+        body = head + section + rest.partition(SECTION_END)[2]
+    else:
+        match = re.search(r"^## ", body, flags=re.M)
+        at = match.start() if match else len(body)
+        body = body[:at].rstrip() + "\n\n" + section + "\n\n" + body[at:].lstrip()
+    _write_atomically(path, _card_text(_card_data(run_info, existing), body))

@@ -30,6 +30,7 @@ from ..objective import MECRegularizer, make_teacher
 from ..quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 from . import transformers_internals as internals
 from .hub import make_saveable
+from .model_card import update_model_card
 
 logger = logging.getLogger("mec_quant_plugin")
 
@@ -302,6 +303,8 @@ class MECQuantCallback(TrainerCallback):
         self._hook = model.register_forward_hook(self._add_term, with_kwargs=True)
         internals.exclude_from_weight_decay(trainer, quantization_parameter_names)
         internals.run_callback_first(trainer, self)  # our on_log adds the mec/* keys the reporters read
+        # the Trainer's create_model_card() / push_to_hub() write their card over ours: merge ours back in
+        internals.after_create_model_card(trainer, lambda readme: update_model_card(trainer.model, readme))
         return control
 
     def attach(self, model: nn.Module, teacher: nn.Module | None = None) -> None:

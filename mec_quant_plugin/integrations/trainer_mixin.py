@@ -13,6 +13,7 @@ statistics, `train` converts at the end. It trains exactly like `MECQuantCallbac
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from transformers import TrainerCallback
 from ..config import MECQuantConfig
 from ..objective import MECRegularizer
 from . import transformers_internals as internals
+from .model_card import update_model_card
 from .trainer import MECTrainingTerm, quantization_parameter_names
 
 
@@ -124,6 +126,14 @@ class MECQuantTrainerMixin:
         if self.mec_convert_on_train_end:
             self.mec_term.convert(self.model, self.mec_run_info, self.state.log_history)
         return output
+
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's card (`push_to_hub` calls this too), with the plugin's quantization section
+        and tags merged in: the Trainer writes its card over the one `save_model` wrote."""
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            update_model_card(self.model, os.path.join(self.args.output_dir, "README.md"))
 
 
 class _StepGuard(TrainerCallback):

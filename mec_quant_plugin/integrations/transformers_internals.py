@@ -20,10 +20,12 @@ the plugin silently skipping what it does there.
 | `grad_scaler_active`          | `Trainer.accelerator.scaler`: accelerate's fp16 GradScaler     |
 | `attach_torchao_quantizer`    | `model.hf_quantizer` / `is_quantized`, the quantizer's `get_state_dict_and_metadata` |
 | `wrap_save_pretrained`        | `Trainer.save_model` / `push_to_hub` call `model.save_pretrained` |
+| `forget_load_only_conversions`| `model._weight_conversions`, reverted by `save_pretrained`     |
+| `after_create_model_card`     | `Trainer.create_model_card` writes `args.output_dir/README.md`; `push_to_hub` calls it |
 
-`make_saveable` uses the two saving ones; `MECQuantCallback` every Trainer one but
+`make_saveable` uses the three saving ones; `MECQuantCallback` every Trainer one but
 `compute_loss_divisor`. `MECQuantTrainerMixin` overrides public Trainer methods (`compute_loss`,
-`get_decay_parameter_names`, `log`, `train`) and needs only the two loss-kwargs ones,
+`get_decay_parameter_names`, `log`, `train`, `create_model_card`) and needs only the two loss-kwargs ones,
 `check_trainer_builds_nothing`, `compute_loss_divisor` and `grad_scaler_active`.
 """
 
@@ -266,3 +268,49 @@ def wrap_save_pretrained(
 
     setattr(save_pretrained, _SAVE_MARK, True)
     model.save_pretrained = save_pretrained
+
+
+def forget_load_only_conversions(model: nn.Module) -> None:
+    """Drop, from the key conversions `from_pretrained` recorded on the model, those that only
+    load (torchao's deserialization of flattened int tensors has no reverse).
+
+    Why: `save_pretrained` reverses every recorded conversion, and one without a reverse raises
+    a bare NotImplementedError after config.json is written, so a reloaded torchao model could
+    not be saved again. The plugin's saver flattens the int tensors itself; renamings stay.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions:
+        return
+    kept = []
+    for conversion in conversions:
+        try:
+            conversion.reverse_transform()
+        except (NotImplementedError, ValueError):
+            continue
+        kept.append(conversion)
+    model._weight_conversions = kept
+
+
+def after_create_model_card(trainer: Any, after: Callable[[str], None]) -> None:
+    """Call `after(readme_path)` each time `trainer.create_model_card()` has written its card
+    (`push_to_hub` calls it after saving, before uploading); wrapping twice is a no-op.
+
+    Why: the Trainer writes its card from scratch over `args.output_dir/README.md`, so the
+    plugin's card written by `save_model` would be lost; `after` merges it back in.
+
+    Raises:
+        TransformersInternalsError: the Trainer has no `create_model_card`.
+    """
+    original = _require(trainer, "create_model_card", "Trainer.create_model_card")
+    if getattr(original, _SAVE_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_model_card(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if trainer.is_world_process_zero():
+            after(os.path.join(trainer.args.output_dir, "README.md"))
+        return result
+
+    setattr(create_model_card, _SAVE_MARK, True)
+    trainer.create_model_card = create_model_card

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from testing_utils import TINY_MODELS, make_trainer
 
 import mec_quant_plugin
-from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model
+from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model, quantization_report
 
 
 def _trained_and_saved(name: str, folder: Path, act_bits=4):
@@ -152,3 +153,139 @@ def test_model_class_from_config(tmp_path):
         model_class_from_config(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
         model_class_from_config(tmp_path / "missing")
+
+
+# ---- trust in a saved folder (issue 10) ---------------------------------------------------------
+def _saveable(name: str = "llama", seed: int = 0, **bits):
+    torch.manual_seed(seed)
+    model, batch = TINY_MODELS[name]()
+    config = MECQuantConfig(**(bits or {"weight_bits": 2, "act_bits": 4}))
+    prepare_model(model, config)
+    model.train()
+    with torch.no_grad():
+        model(**batch)  # calibrates the activation quantizers
+    convert_model(model.eval())
+    return make_saveable(model, config), batch
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _edit_meta(folder: Path, edit) -> None:
+    path = folder / "mec_quant_config.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def test_from_pretrained_refuses_edited_quantization_settings(tmp_path):
+    model, batch = _saveable()
+    model.save_pretrained(tmp_path)
+
+    def act_bits_4_to_8(meta):
+        meta["mec_quant_config"]["act_bits"] = 8
+        for spec in meta["activation_quantizers"].values():
+            spec["bits"] = 8
+
+    _edit_meta(tmp_path, act_bits_4_to_8)
+    with pytest.raises(ValueError, match="settings .* changed after"):
+        mec_quant_plugin.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_ignores_formatting_and_run_info_edits(tmp_path):
+    model, batch = _saveable()
+    model.save_pretrained(tmp_path)
+    _edit_meta(tmp_path, lambda meta: meta.setdefault("run_info", {}).update(note="edited by hand"))
+    assert torch.equal(_logits(mec_quant_plugin.from_pretrained(str(tmp_path)), batch), _logits(model, batch))
+
+
+@pytest.mark.parametrize("version", [99, "1", None])
+def test_from_pretrained_refuses_an_unknown_format_version(tmp_path, version):
+    model, _ = _saveable()
+    model.save_pretrained(tmp_path)
+    _edit_meta(tmp_path, lambda meta: meta.update(format_version=version))
+    with pytest.raises(ValueError, match=rf"format_version {re.escape(repr(version))}.*reads format_version 1, 2"):
+        mec_quant_plugin.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("legacy", ["no fingerprint", "weights fingerprint"])
+def test_folders_saved_before_fingerprints_still_load(tmp_path, legacy):
+    from mec_quant_plugin.integrations.hub import weights_fingerprint
+
+    model, batch = _saveable()
+    model.save_pretrained(tmp_path)
+
+    def as_version_1(meta):
+        meta.pop("fingerprint")
+        meta.pop("run_info", None)
+        meta["format_version"] = 1
+        if legacy == "weights fingerprint":
+            meta["weights_fingerprint"] = weights_fingerprint(tmp_path)
+
+    _edit_meta(tmp_path, as_version_1)
+    assert torch.equal(_logits(mec_quant_plugin.from_pretrained(str(tmp_path)), batch), _logits(model, batch))
+
+
+def test_from_pretrained_refuses_activation_steps_of_another_save(tmp_path):
+    model, _ = _saveable(seed=0)
+    other, _ = _saveable(seed=1)
+    model.save_pretrained(tmp_path / "a")
+    other.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "mec_quant_activations.safetensors").replace(tmp_path / "a" / "mec_quant_activations.safetensors")
+    with pytest.raises(ValueError, match="mec_quant_activations.safetensors .* mixes two saves"):
+        mec_quant_plugin.from_pretrained(str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_reloaded_model_saves_again_and_reloads_to_the_same_outputs(tmp_path, name):
+    model, batch = _saveable(name)
+    model.save_pretrained(tmp_path / "first")
+    reloaded = mec_quant_plugin.from_pretrained(str(tmp_path / "first"))
+    reloaded.save_pretrained(tmp_path / "second")
+    again = mec_quant_plugin.from_pretrained(str(tmp_path / "second"))
+    assert torch.equal(_logits(again, batch), _logits(model, batch))
+    first, second = (json.loads((tmp_path / f / "mec_quant_config.json").read_text()) for f in ("first", "second"))
+    assert first["mec_quant_config"] == second["mec_quant_config"]
+    assert first["activation_quantizers"] == second["activation_quantizers"]
+    assert quantization_report(again) == quantization_report(model)
+    assert "| W2A4 |" in (tmp_path / "second" / "README.md").read_text()
+
+
+def _advertised_bits(folder: Path) -> str | None:
+    qconfig = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    if qconfig is None:
+        return None
+    return qconfig["quant_type"]["default"]["_data"]["weight_dtype"]["_data"].removeprefix("int")
+
+
+def _stored_bits(model) -> set[str]:
+    return {str(m.weight.target_dtype).removeprefix("torch.int") for m in model.modules()
+            if hasattr(getattr(m, "weight", None), "target_dtype")}
+
+
+@pytest.mark.parametrize("bits", [
+    {"weight_bits": None, "act_bits": 4},
+    {"weight_bits": None, "act_bits": 4, "edge_layers": "8bit"},
+    {"weight_bits": 4, "act_bits": None},
+    {"weight_bits": 4, "act_bits": None, "edge_layers": "float"},
+])
+def test_config_json_advertises_only_the_int_weights_stored(tmp_path, bits):
+    model, batch = _saveable(**bits)
+    model.save_pretrained(tmp_path)
+    stored = _stored_bits(model)
+    advertised = _advertised_bits(tmp_path)
+    if stored:
+        assert advertised in stored
+        assert advertised == str(bits["weight_bits"] or 8)
+    else:
+        assert advertised is None  # float weights: a plain transformers model, no torchao config
+    assert torch.equal(_logits(mec_quant_plugin.from_pretrained(str(tmp_path)), batch), _logits(model, batch))
+
+
+def test_from_pretrained_never_unpickles_training_args(tmp_path):
+    model, batch = _saveable()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "training_args.bin").write_bytes(b"not a pickle: loading it would fail")
+    assert torch.equal(_logits(mec_quant_plugin.from_pretrained(str(tmp_path)), batch), _logits(model, batch))

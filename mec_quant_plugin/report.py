@@ -129,8 +129,9 @@ def quantization_groups(model: nn.Module) -> list[LayerGroup]:
     `quantization_report` prints one line each for, and the model card's table lists.
 
     Example:
-        >>> [(g.bits, len(g.names)) for g in quantization_groups(converted_gpt2)]
-        [('W8A8', 1), ('W2A2', 8), ('W8A8', 1)]
+        >>> for group in quantization_groups(converted_gpt2):
+        ...     print(group.bits, len(group.names), group.storage)
+        W2A4 8 float32 weights holding the 2-bit levels (no torchao int kernel for Conv1D)
     """
     groups: dict[tuple[str, str], list[str]] = {}
     for name, mod in model.named_modules():

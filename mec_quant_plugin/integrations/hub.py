@@ -368,7 +368,11 @@ def read_mec_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     meta_path = Path(folder) / MEC_CONFIG_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: the folder was not saved by mec_quant_plugin.")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON ({exc}): it was damaged or edited by hand; save the "
+                         "model again.") from exc
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(

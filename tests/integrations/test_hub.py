@@ -289,3 +289,11 @@ def test_from_pretrained_never_unpickles_training_args(tmp_path):
     model.save_pretrained(tmp_path)
     (tmp_path / "training_args.bin").write_bytes(b"not a pickle: loading it would fail")
     assert torch.equal(_logits(mec_quant_plugin.from_pretrained(str(tmp_path)), batch), _logits(model, batch))
+
+
+def test_from_pretrained_refuses_a_damaged_config_file(tmp_path):
+    model, _ = _saveable()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "mec_quant_config.json").write_text('{"format_version": 2, ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        mec_quant_plugin.from_pretrained(str(tmp_path))

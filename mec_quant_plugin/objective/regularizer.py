@@ -21,11 +21,18 @@ Usage in a training loop (the Trainer callback and mixin do the same):
         loss.backward()
 
 `reg()` without arguments is enough when only `mec_weight` / `mec_layer_weight` are on.
+
+Each term is added as `weight * (loss - lower bound)`: the coding-length losses are negative by
+construction (their first-order part is minus a mean cosine), so a plain sum would drive the
+training loss below the task loss (a final `train_loss` of 0.0008 beside an eval loss of 0.118).
+The bounds (`term_lower_bounds`) are constants, so no gradient changes; every logged `*loss`
+statistic is the weighted, non-negative amount that term adds to the training loss.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 import warnings
@@ -46,6 +53,35 @@ from .distributed import gather_rows
 from .layerwise import LayerwiseCodingLength
 from .mixture import mixture_coding_length_loss
 from .stats import LayerwiseStats, MECStats, TapStats, TermStats
+
+LABEL_EPS2 = 0.5  # the eps^2 of the label-aware term (`rate_reduction_loss`'s default)
+
+
+def term_lower_bounds(config: MECQuantConfig, balance_weight: float = 0.01) -> dict[str, float]:
+    """A lower bound of each unweighted term, by log key: what `MECRegularizer` subtracts before
+    weighting, so every term it adds is >= 0 (a constant: gradients are unchanged).
+
+    - `loss` (head term), `layer/loss`: `-S / (m lambda) >= -1`. With eigenvalues x_i of
+      C = lambda Z1 Z2^T and S = sum_i S_n(x_i) (S_n the series truncated at even order n, or log):
+      self view, C is PSD and S_n(x) <= log(1 + x) <= x for x >= 0, so S <= tr C = lambda m (rows
+      have norm <= 1); teacher view, Re S_n(x) <= |x| on the unit disk and sum |x_i| <= ||C||_* <=
+      lambda ||Z1||_F ||Z2||_F <= lambda m, which holds while the series converges (spectral bound
+      < 1; the adaptive lambda keeps it there) and always for the exact log det. Mixtures mix
+      experts with weights summing to <= 1 (gate rows scaled by sqrt(p) <= 1); the gate's balance
+      term `K sum_e f_e P_e - 1 >= 1/K - 1` (a routed sample's top probability is >= 1/K) adds
+      `-balance_weight (1 - 1/K)`.
+    - `label/loss`: `-(R(Z) - sum_j m_j/m R(Z_j)) / d >= -R(Z)/d >= -log(1 + 1/eps^2) / 2` (the
+      eigenvalues of (d/(m eps^2)) Z^T Z sum to <= d/eps^2; log det is largest when they are equal).
+    - `distill/loss`: a KL divergence, >= 0.
+
+    Example:
+        >>> term_lower_bounds(MECQuantConfig())["loss"]
+        -1.0
+    """
+    head = -1.0
+    if config.mec_routing == "gate" and config.mec_experts > 1:
+        head -= balance_weight * (1.0 - 1.0 / config.mec_experts)
+    return {"loss": head, "layer/loss": -1.0, "label/loss": -0.5 * math.log1p(1.0 / LABEL_EPS2), "distill/loss": 0.0}
 
 
 def make_teacher(model: nn.Module) -> nn.Module:
@@ -108,9 +144,10 @@ class MECRegularizer(nn.Module):
         balance_weight: weight of the gate's load-balancing term.
         seed: base seed of token-row sub-sampling.
 
-    `stats` is the `MECStats` of the last call (None when it computed nothing): each term's
-    unweighted loss, per-tap `TermStats`, the warm-up factor, the teacher's cost, the weighted
-    total. `last_stats` is the same as floats by log key (`MECStats.to_dict`), `{}` when nothing
+    It returns `sum_t weight_t * (loss_t - lower_bound_t)` (`term_lower_bounds`: constants, so
+    the gradients are those of the weighted losses), >= 0 so the training loss stays >= the task
+    loss. `stats` is the `MECStats` of the last call (None when it computed nothing): each term's
+    unweighted loss, per-tap `TermStats`, the warm-up factor, the teacher's cost, the total. `last_stats` is the same as floats by log key (`MECStats.to_dict`), `{}` when nothing
     was computed.
 
     Example:
@@ -177,6 +214,9 @@ class MECRegularizer(nn.Module):
                         "pass gate=nn.Linear(d, mec_experts) to MECRegularizer."
                     )
                 self.gates[self._key(name)] = nn.Linear(dim, config.mec_experts).to(_param_device(model))
+        self.lower_bounds = term_lower_bounds(config, balance_weight)
+        self.weights = {"loss": config.mec_weight, "layer/loss": config.mec_layer_weight,
+                        "label/loss": config.mec_label_weight, "distill/loss": config.distill_weight}
         self.lambda_scale = 1.0
         self.stats: MECStats | None = None
         self._warned_small = False
@@ -282,7 +322,8 @@ class MECRegularizer(nn.Module):
                 `logits`); needed when `distill_weight > 0`.
             labels: the batch's class labels, one per sample; needed when `mec_label_weight > 0`.
 
-        Returns a zero tensor (no error) when every weight is 0 or no training forward was
+        Returns `sum_t weight_t * (loss_t - lower_bound_t)` over the enabled terms (>= 0), a zero
+        tensor (no error) when every weight is 0 or no training forward was
         captured (eval forward, or a second call after the same forward).
 
         Raises:
@@ -313,7 +354,7 @@ class MECRegularizer(nn.Module):
         if head_on:
             head_loss, taps = self._head_term(features, teacher_features)
             if head_loss is not None:
-                weighted.append(cfg.mec_weight * head_loss)
+                weighted.append(self._added('loss', head_loss))
         layerwise = None
         if self.layer_term is not None:
             layer_loss = self.layer_term()
@@ -321,20 +362,20 @@ class MECRegularizer(nn.Module):
             if layer_stats:  # empty when no layer had enough rows
                 layerwise = LayerwiseStats(loss=layer_loss.detach(), coding_length=layer_stats["coding_length"],
                                            layers=int(layer_stats["layers"]))
-                weighted.append(cfg.mec_layer_weight * layer_loss)
+                weighted.append(self._added('layer/loss', layer_loss))
         label_loss = None
         if cfg.mec_label_weight > 0 and self.head_name in features:
             z = features[self.head_name]
             if z.shape[0] >= 2:
-                label_loss = rate_reduction_loss(z, self._labels_for(z, labels))
-                weighted.append(cfg.mec_label_weight * label_loss)
+                label_loss = rate_reduction_loss(z, self._labels_for(z, labels), eps2=LABEL_EPS2)
+                weighted.append(self._added('label/loss', label_loss))
         distill_loss = None
         if cfg.distill_weight > 0:
             mask = inputs[1].get("attention_mask")
             student = self._logit_rows(_logits_of(logits, "logits"), mask)
             teacher = self._logit_rows(_logits_of(teacher_output, "the teacher's output"), mask)
             distill_loss = distillation_loss(student, teacher, cfg.distill_temperature)
-            weighted.append(cfg.distill_weight * distill_loss)
+            weighted.append(self._added('distill/loss', distill_loss))
 
         if not weighted:
             return torch.zeros((), device=device)
@@ -346,8 +387,13 @@ class MECRegularizer(nn.Module):
             teacher_ms=teacher_ms, teacher_param_mb=teacher_mb, layerwise=layerwise,
             label_loss=None if label_loss is None else label_loss.detach(),
             distill_loss=None if distill_loss is None else distill_loss.detach(), total=total.detach(),
+            weights=self.weights, lower_bounds=self.lower_bounds,
         )
         return total
+
+    def _added(self, key: str, loss: Tensor) -> Tensor:
+        """What the term logged as `key` adds to the training loss: weight x (loss - its lower bound)."""
+        return self.weights[key] * (loss - self.lower_bounds[key])
 
     def _head_term(
         self, features: dict[str, Tensor], teacher_features: dict[str, Tensor]

@@ -13,6 +13,7 @@ all with one device synchronization.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,7 +129,14 @@ class MECStats:
         label_loss: the label-aware rate reduction loss `-(R(Z) - sum_j m_j/m R(Z_j)) / d`
             (`mec_label_weight`), None when off.
         distill_loss: the logit distillation loss (`distill_weight`), None when off.
-        total: the weighted sum of the terms, what the regularizer returned (detached).
+        total: what the regularizer returned (detached): the sum over terms of
+            `weight * (loss - lower bound)`.
+        weights / lower_bounds: each term's weight and the constant lower bound subtracted from
+            its loss, by log key (`loss`, `layer/loss`, `label/loss`, `distill/loss`); a key
+            absent means weight 1, bound 0.
+
+    The losses above are unweighted, as the term functions return them; `to_dict` logs each
+    as what it adds to the training loss.
 
     Example:
         >>> reg = MECRegularizer(model, config); _ = model(x); loss = reg()
@@ -145,6 +153,8 @@ class MECStats:
     label_loss: Tensor | None = None
     distill_loss: Tensor | None = None
     total: Tensor | None = None
+    weights: Mapping[str, float] = field(default_factory=dict)
+    lower_bounds: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -166,8 +176,16 @@ class MECStats:
         """Largest spectral bound over the taps (the one that decides convergence)."""
         return torch.stack([tap.term.spectral_bound for tap in self.taps.values()]).max()
 
+    def _added(self, key: str, loss: Tensor) -> Tensor:
+        """What the term logged as `key` adds to the training loss: weight x (loss - lower bound)."""
+        return self.weights.get(key, 1.0) * (loss - self.lower_bounds.get(key, 0.0))
+
     def to_dict(self) -> dict[str, float]:
         """Every statistic as a float by log key.
+
+        Every `loss` key (`loss`, `<tap>/loss`, `layer/loss`, `label/loss`, `distill/loss`) is
+        what that term adds to the training loss, `weight * (loss - lower bound)` (>= 0), so
+        they add up to `total` and a loss curve reads as the training loss's parts.
 
         Head term (when computed): `loss`, `coding_length`, `spectral_bound`, `lambda`, `rows`, and
         each tap's mixture statistics (`expert_share/e`, `expert_lambda/e`, `balance`); with more
@@ -179,7 +197,7 @@ class MECStats:
         out: dict[str, Tensor | float] = {}
         if self.loss is not None and self.taps:
             out.update({
-                "loss": self.loss,
+                "loss": self._added("loss", self.loss),
                 "coding_length": self.coding_length,
                 "spectral_bound": self.spectral_bound,
                 "lambda": self.lam,
@@ -198,15 +216,15 @@ class MECStats:
                 if several or key.startswith(("expert_", "balance")):
                     out[prefix + key] = value
             if several:
-                out[prefix + "loss"] = tap.loss
+                out[prefix + "loss"] = self._added("loss", tap.loss)
         if self.layerwise is not None:
-            out["layer/loss"] = self.layerwise.loss
+            out["layer/loss"] = self._added("layer/loss", self.layerwise.loss)
             out["layer/coding_length"] = self.layerwise.coding_length
             out["layer/layers"] = self.layerwise.layers
         if self.label_loss is not None:
-            out["label/loss"] = self.label_loss
+            out["label/loss"] = self._added("label/loss", self.label_loss)
         if self.distill_loss is not None:
-            out["distill/loss"] = self.distill_loss
+            out["distill/loss"] = self._added("distill/loss", self.distill_loss)
         if self.total is not None:
             out["total"] = self.total
         return _floats(out)

@@ -33,7 +33,7 @@ def test_self_view_term_is_beta_times_the_centered_adaptive_loss():
     term = reg()
     assert term.requires_grad
     expected, _ = coding_length_loss(center_features(_head_input(model, x)), eps2=8.0, target_radius=0.5)
-    torch.testing.assert_close(term, 0.5 * expected)
+    torch.testing.assert_close(term, 0.5 * (expected + 1.0))  # the term adds weight x (loss - its bound -1)
     term.backward()
     assert model.body[0].weight.grad.abs().sum() > 0  # the term trains the model
     stats = reg.last_stats
@@ -94,7 +94,7 @@ def test_teacher_view_runs_a_frozen_copy_on_the_same_batch():
     z1 = center_features(teacher.body(x))
     z2 = center_features(model.body(x))
     expected, _ = coding_length_loss(z1, z2, eps2=8.0, target_radius=0.5)
-    torch.testing.assert_close(term, 0.5 * expected)
+    torch.testing.assert_close(term, 0.5 * (expected + 1.0))  # the term adds weight x (loss - its bound -1)
     term.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert reg.last_stats["teacher_ms"] > 0 and reg.last_stats["teacher_param_mb"] > 0
@@ -144,7 +144,7 @@ def test_stats_are_typed_and_flatten_to_every_log_key():
         assert isinstance(tap.term, TermStats) and tap.term.balance is not None and len(tap.term.expert_share) == 2
     flat = reg.last_stats
     assert flat == stats.to_dict() and all(isinstance(v, float) for v in flat.values())
-    assert flat["rows"] == stats.rows == 40 and flat["loss"] == pytest.approx(float(stats.loss))
+    assert flat["rows"] == stats.rows == 40 and flat["loss"] == pytest.approx(float(stats.total))
     for name in ("body.2", "head"):  # each tap's own numbers, under its name
         assert {f"{name}/{key}" for key in ("loss", "coding_length", "spectral_bound", "lambda", "balance",
                                             "expert_share/1", "expert_lambda/0")} <= set(flat)

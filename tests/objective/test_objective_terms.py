@@ -35,14 +35,16 @@ def _student_and_teacher(**config) -> tuple[TinyMLP, torch.nn.Module, MECRegular
 
 
 def _check_term_is_weight_times(config: dict, reference) -> None:
-    """reg(...) == weight * reference(model, teacher, x, y, logits) after one training forward."""
+    """reg(...) == weight * (reference(model, teacher, x, y, logits) - its lower bound) after one training
+    forward (the bound is a constant: see test_objective_offset.py)."""
     model, teacher, reg = _student_and_teacher(**config)
     reg.set_progress(3, 10)
     x, y = torch.randn(16, 6), torch.arange(16) % 3
     logits = model(x)
     term = reg(logits=logits, labels=y)
     weight, expected = reference(model, teacher, x, y, logits)
-    torch.testing.assert_close(term, weight * expected)
+    (key,) = [k for k, w in reg.weights.items() if w > 0]
+    torch.testing.assert_close(term, weight * (expected - reg.lower_bounds[key]))
     assert reg.last_stats["total"] == pytest.approx(float(term.detach()))
 
 
@@ -81,7 +83,9 @@ def test_the_terms_add_up_and_each_is_in_the_stats():
     stats = reg.stats
     head = coding_length_loss(center_features(model.body(x)), eps2=8.0, target_radius=0.5)[0]
     torch.testing.assert_close(stats.loss, head.detach())
-    parts = 0.5 * stats.loss + 0.3 * stats.layerwise.loss + 0.7 * stats.label_loss + 2.0 * stats.distill_loss
+    bound = reg.lower_bounds
+    parts = (0.5 * (stats.loss - bound["loss"]) + 0.3 * (stats.layerwise.loss - bound["layer/loss"])
+             + 0.7 * (stats.label_loss - bound["label/loss"]) + 2.0 * (stats.distill_loss - bound["distill/loss"]))
     torch.testing.assert_close(total.detach(), parts)
     flat = reg.last_stats
     assert {"loss", "coding_length", "layer/loss", "layer/coding_length", "layer/layers", "label/loss",
@@ -140,7 +144,7 @@ def test_labels_are_subsampled_with_the_head_rows():
     term = reg(labels=y)
     seed = reg.capture.row_seed
     expected = rate_reduction_loss(subsample_rows(model.body(x), 8, seed), subsample_rows(y, 8, seed))
-    torch.testing.assert_close(term, expected)
+    torch.testing.assert_close(term, expected - reg.lower_bounds["label/loss"])
 
 
 def test_label_term_codes_the_head_whatever_the_taps_of_the_coding_length():

@@ -11,6 +11,7 @@ from . import _quiet_import  # noqa: F401  (first: imports torchao without its o
 from .api import calibrate_activations, convert_model, prepare_model
 from .checkpoint import convert_checkpoint
 from .config import MECQuantConfig
+from .export import GGUFExportError, export_gguf
 from .integrations import MECQuantCallback, MECQuantTrainerMixin, from_pretrained, make_saveable
 from .modules import is_fake_quantized, is_supported_layer
 from .objective import (
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationFakeQuantizer",
     "FeatureCapture",
+    "GGUFExportError",
     "MECQuantCallback",
     "MECQuantConfig",
     "MECQuantTrainerMixin",
@@ -45,6 +47,7 @@ __all__ = [
     "convert_checkpoint",
     "convert_model",
     "exact_coding_length",
+    "export_gguf",
     "from_pretrained",
     "is_fake_quantized",
     "is_supported_layer",

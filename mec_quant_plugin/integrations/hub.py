@@ -56,8 +56,13 @@ from ..config import MECQuantConfig
 from ..modules.base import LEVELS_ATTR, FakeQuantizedModule
 from ..modules.registry import fake_quantized_class_for
 from ..quantizers import ActivationFakeQuantizer
-from .model_card import write_model_card
-from .transformers_internals import attach_torchao_quantizer, forget_load_only_conversions, wrap_save_pretrained
+from .model_card import update_model_card, write_model_card
+from .transformers_internals import (
+    attach_torchao_quantizer,
+    before_hub_upload,
+    forget_load_only_conversions,
+    wrap_save_pretrained,
+)
 
 logger = logging.getLogger("mec_quant_plugin")
 
@@ -129,8 +134,9 @@ def activation_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 def make_saveable(
     model: nn.Module, config: MECQuantConfig, *, run_info: dict[str, Any] | None = None
 ) -> nn.Module:
-    """Attach the torchao quantizer transformers needs to save a converted model, and make its
-    `save_pretrained` also write `mec_quant_config.json` and the model card.
+    """Attach the torchao quantizer transformers needs to save a converted model (none when every
+    weight stayed float), and make its `save_pretrained` also write `mec_quant_config.json` and the
+    model card (which `push_to_hub` keeps, merged into the repo's card).
 
     `run_info` feeds the model card: e.g. {"base_model": ..., "task": ..., "metrics": {...},
     "dataset": ...}. Call after `convert_model`. A plain nn.Module without `save_pretrained`
@@ -151,6 +157,8 @@ def make_saveable(
     model.__dict__["_mec_quant_run_info"] = dict(run_info or {})
     if hasattr(model, "save_pretrained"):
         wrap_save_pretrained(model, save_atomically)
+    if hasattr(model, "push_to_hub"):  # it writes the repo's card (or a template) over ours: merge ours in
+        before_hub_upload(model, lambda folder: update_model_card(model, Path(folder) / "README.md"))
     return model
 
 

@@ -22,8 +22,9 @@ the plugin silently skipping what it does there.
 | `wrap_save_pretrained`        | `Trainer.save_model` / `push_to_hub` call `model.save_pretrained` |
 | `forget_load_only_conversions`| `model._weight_conversions`, reverted by `save_pretrained`     |
 | `after_create_model_card`     | `Trainer.create_model_card` writes `args.output_dir/README.md`; `push_to_hub` calls it |
+| `before_hub_upload`           | `model.push_to_hub` writes its card, then calls `_upload_modified_files(folder, ...)` |
 
-`make_saveable` uses the three saving ones; `MECQuantCallback` every Trainer one but
+`make_saveable` uses the four saving ones; `MECQuantCallback` every Trainer one but
 `compute_loss_divisor`. `MECQuantTrainerMixin` overrides public Trainer methods (`compute_loss`,
 `get_decay_parameter_names`, `log`, `train`, `create_model_card`) and needs only the two loss-kwargs ones,
 `check_trainer_builds_nothing`, `compute_loss_divisor` and `grad_scaler_active`.
@@ -314,3 +315,27 @@ def after_create_model_card(trainer: Any, after: Callable[[str], None]) -> None:
 
     setattr(create_model_card, _SAVE_MARK, True)
     trainer.create_model_card = create_model_card
+
+
+def before_hub_upload(model: nn.Module, before: Callable[[str], None]) -> None:
+    """Call `before(folder)` when `model.push_to_hub()` has filled the folder it uploads, just
+    before the upload; wrapping twice is a no-op.
+
+    Why: after `save_pretrained` (which writes the plugin's card), `push_to_hub` writes over
+    README.md the repo's existing card or transformers' template, so the plugin's card would be
+    lost; `before` merges it back in.
+
+    Raises:
+        TransformersInternalsError: the model has no `_upload_modified_files`.
+    """
+    original = _require(model, "_upload_modified_files", "PushToHubMixin._upload_modified_files")
+    if getattr(original, _SAVE_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def upload_modified_files(working_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        before(str(working_dir))
+        return original(working_dir, *args, **kwargs)
+
+    setattr(upload_modified_files, _SAVE_MARK, True)
+    model._upload_modified_files = upload_modified_files

@@ -81,7 +81,7 @@ def _trainer_section_survives(readme: Path) -> str:
     card = readme.read_text()
     assert card.count(model_card.SECTION_START) == 1 and card.count(model_card.SECTION_END) == 1
     assert "## MEC-Quant quantization" in card and "| W2A4 |" in card
-    data = ModelCard.load(readme).data.to_dict()
+    data = ModelCard(card).data.to_dict()
     assert {"mec-quant", "torchao", "qat"} <= set(data["tags"])
     return card
 
@@ -164,3 +164,36 @@ def test_card_survives_the_mixins_create_model_card(tmp_path):
     trainer.save_model()
     trainer.create_model_card()
     _trainer_section_survives(tmp_path / "run" / "README.md")
+
+
+@pytest.mark.parametrize("remote_card", [False, True])
+def test_card_survives_model_push_to_hub(tmp_path, monkeypatch, remote_card):
+    """`model.push_to_hub` writes the repo's card (or transformers' template) over the saved one."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            if op.path_in_repo == "README.md":
+                uploaded["readme"] = Path(op.path_or_fileobj).read_text()
+
+    def load(repo_id, **kwargs):
+        if remote_card:
+            return ModelCard("---\nlicense: mit\n---\n# The owner's card\n\n## Notes\n\nkept\n")
+        raise EntryNotFoundError("no README.md in the repo")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", staticmethod(load))
+    model, _ = _saved(tmp_path)
+    model.push_to_hub("me/resnet-w2a4", token="dummy")
+    readme = tmp_path / "uploaded.md"
+    readme.write_text(uploaded["readme"])
+    card = _trainer_section_survives(readme)
+    if remote_card:
+        assert "# The owner's card" in card and "license: mit" in card

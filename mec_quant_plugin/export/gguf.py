@@ -12,8 +12,9 @@ trained weights and says so (returned `GGUFExport.requantized`, a warning, and t
 `mec_quant.requantized` key). Activation quantizers are not exported: llama.cpp runs the weights
 with its own 8-bit / float activations.
 
-Tensor names, the q/k row order of the rotary embedding, metadata and tokenizer follow llama.cpp's
-`convert_hf_to_gguf.py` (Llama) and its BERT converter.
+Architectures (`gguf_layouts.py`): Llama (causal LM; SmolLM2) and BERT encoders (run by llama.cpp
+as embedding models: pooler and task heads left out, with a warning). Tensor names, the q/k row
+order of the rotary embedding, metadata and tokenizer follow llama.cpp's `convert_hf_to_gguf.py`.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import nn
 
 from .codes import LayerCodes, quantized_weights
 from .gguf_blocks import BLOCK_TYPES, SIZE_ORDER, SPEED_ORDER, BlockType, dequantize_q1_0
+from .gguf_layouts import LAYOUTS, Layout
 from .gguf_vocab import add_tokenizer
 
 logger = logging.getLogger("mec_quant_plugin")
@@ -156,57 +157,6 @@ def decode(gguf: Any, data: np.ndarray, type_name: str) -> np.ndarray:
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
 
 
-# ---- architectures ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Layout:
-    arch: str
-    metadata: Callable[[Any, Any], None]
-    row_order: Callable[[str, Any, int], torch.Tensor | None]
-
-
-def _rope_theta(cfg: Any) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(
-            f"export_gguf writes Llama models with the default rotary embedding, this one has {rope_type!r}."
-        )
-    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-
-
-def _llama_metadata(w: Any, cfg: Any) -> None:
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(_rope_theta(cfg))
-    w.add_rope_dimension_count(head_dim)
-    w.add_vocab_size(cfg.vocab_size)
-    if head_dim != cfg.hidden_size // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-
-
-def _llama_row_order(name: str, cfg: Any, rows: int) -> torch.Tensor | None:
-    """HF Llama rotates halves of each head (rotate_half); llama.cpp rotates adjacent pairs, so
-    q/k rows are interleaved per head (convert_hf_to_gguf.py `LlamaModel.permute`)."""
-    if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-        heads = cfg.num_attention_heads
-    elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    else:
-        return None
-    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
-
-
-_LAYOUTS: dict[str, _Layout] = {"llama": _Layout("llama", _llama_metadata, _llama_row_order)}
-
-
 # ---- the export ---------------------------------------------------------------------------------
 def _load(model_or_folder: nn.Module | str | os.PathLike, tokenizer: Any) -> tuple[nn.Module, Any]:
     if isinstance(model_or_folder, nn.Module):
@@ -268,6 +218,81 @@ def _quantized_tensor(
     return weight.astype(np.float16), "F16", False, why
 
 
+def _folder_pooling(folder: Path) -> str | None:
+    """The pooling of a sentence-transformers folder (modules.json), as llama.cpp's converter reads it."""
+    import json
+
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return None
+    for module in json.loads(modules.read_text()):
+        if module.get("type", "").endswith("Pooling"):
+            conf = json.loads((folder / module["path"] / "config.json").read_text())
+            if conf.get("pooling_mode_mean_tokens"):
+                return "mean"
+            if conf.get("pooling_mode_cls_token"):
+                return "cls"
+    return None
+
+
+def _add_tensors(
+    gguf: Any,
+    writer: Any,
+    model: nn.Module,
+    layout: Layout,
+    result: GGUFExport,
+    order: tuple[str, ...],
+    types: Mapping[str, str] | None,
+    requantize: bool,
+    float_type: str,
+) -> None:
+    """Every parameter of `model` llama.cpp uses, quantized ones from their codes; fills `result`."""
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], cfg.num_hidden_layers)
+    codes = quantized_weights(model)
+    left_out = []
+    for name, param in model.named_parameters():
+        if "fake_quantizer" in name:
+            continue
+        source = layout.source_name(name)
+        if source is None:
+            left_out.append(name)
+            continue
+        gguf_name = names.get_name(source, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"export_gguf: no llama.cpp tensor for {name!r} ({layout.arch}).")
+        if name in codes:
+            lc = codes[name]
+            rows = layout.row_order(name, cfg, lc.codes.shape[0])
+            lc = lc if rows is None else lc.permute_rows(rows)
+            forced = _forced_type(name, types)
+            data, type_name, exact, why = _quantized_tensor(gguf, lc, (forced,) if forced else order, requantize)
+            if not exact:
+                result.requantized.append(name)
+                logger.warning("export_gguf: %s RE-QUANTIZED as %s (not the trained codes): %s", name, type_name, why)
+            shape = tuple(lc.codes.shape)
+        else:
+            tensor = param.detach().float()
+            rows = layout.row_order(name, cfg, tensor.shape[0])
+            tensor = tensor if rows is None else tensor[rows]
+            keep32 = tensor.dim() == 1 or float_type == "f32"
+            data = tensor.numpy().astype(np.float32 if keep32 else np.float16)
+            type_name, exact, shape = ("F32" if keep32 else "F16"), True, tuple(tensor.shape)
+        raw = gguf.GGMLQuantizationType[type_name]
+        writer.add_tensor(gguf_name, data, raw_dtype=raw if data.dtype == np.uint8 else None)
+        result.tensors.append(ExportedTensor(name, gguf_name, type_name, shape, data.nbytes, exact))
+    if left_out:
+        logger.warning("export_gguf: left out (llama.cpp runs %s without them): %s", layout.arch, ", ".join(left_out))
+    quant_types = Counter(t.gguf_type for t in result.tensors if t.name in codes)
+    if quant_types:
+        file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{quant_types.most_common(1)[0][0]}", None)
+        if file_type is not None:
+            writer.add_file_type(int(file_type))
+    writer.add_string("mec_quant.export", "exact" if not result.requantized else "requantized layers")
+    if result.requantized:
+        writer.add_array("mec_quant.requantized", result.requantized)
+
+
 def export_gguf(
     model_or_folder: nn.Module | str | os.PathLike,
     path: str | os.PathLike,
@@ -277,6 +302,7 @@ def export_gguf(
     types: Mapping[str, str] | None = None,
     requantize: bool = False,
     float_type: Literal["f16", "f32"] = "f16",
+    pooling: Literal["mean", "cls", "none"] | None = None,
     overwrite: bool = False,
 ) -> GGUFExport:
     """Write a converted model (or a folder saved by the plugin) as a GGUF file for llama.cpp.
@@ -293,6 +319,8 @@ def export_gguf(
         requantize: write layers no type stores exactly as Q8_0 of the trained weights instead of
             refusing them (listed in the result, a warning and the file's metadata).
         float_type: how float 2-D weights are stored ("f16" or "f32"); 1-D weights are always F32.
+        pooling: BERT only: how llama.cpp pools token embeddings ("mean", "cls", "none");
+            default the folder's sentence-transformers pooling, else "mean".
         overwrite: replace an existing file at `path`.
 
     Returns:
@@ -317,67 +345,28 @@ def export_gguf(
         raise ValueError(f"{path} exists: pass overwrite=True to replace it.")
     model, tokenizer = _load(model_or_folder, tokenizer)
     cfg = model.config
-    layout = _LAYOUTS.get(getattr(cfg, "model_type", None))
+    layout = LAYOUTS.get(getattr(cfg, "model_type", None))
     if layout is None:
         raise ValueError(
-            f"export_gguf supports model types {sorted(_LAYOUTS)}, got {getattr(cfg, 'model_type', None)!r}."
+            f"export_gguf supports model types {sorted(LAYOUTS)}, got {getattr(cfg, 'model_type', None)!r}."
         )
-    order = SPEED_ORDER if prefer == "speed" else SIZE_ORDER
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], cfg.num_hidden_layers)
-    codes = quantized_weights(model)
-    result = GGUFExport(path=path)
+    if pooling is None and not isinstance(model_or_folder, nn.Module):
+        pooling = _folder_pooling(Path(model_or_folder))
     if any(getattr(m, "activation_fake_quantizer", None) is not None for m in model.modules()):
         logger.warning(
             "export_gguf: activation quantizers are not exported; llama.cpp runs the weights with its "
             "own 8-bit / float activations."
         )
-
+    result = GGUFExport(path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, layout.arch)
     try:
         writer.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "model")).name)
-        layout.metadata(writer, cfg)
-        for name, param in model.named_parameters():
-            if "fake_quantizer" in name:
-                continue
-            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ValueError(f"export_gguf: no llama.cpp tensor for {name!r} ({layout.arch}).")
-            if name in codes:
-                lc = codes[name]
-                order_rows = layout.row_order(name, cfg, lc.codes.shape[0])
-                if order_rows is not None:
-                    lc = lc.permute_rows(order_rows)
-                forced = _forced_type(name, types)
-                data, type_name, exact, why = _quantized_tensor(gguf, lc, (forced,) if forced else order, requantize)
-                if not exact:
-                    result.requantized.append(name)
-                    logger.warning(
-                        "export_gguf: %s RE-QUANTIZED as %s (not the trained codes): %s", name, type_name, why
-                    )
-                shape = tuple(lc.codes.shape)
-            else:
-                tensor = param.detach().float()
-                order_rows = layout.row_order(name, cfg, tensor.shape[0])
-                if order_rows is not None:
-                    tensor = tensor[order_rows]
-                keep32 = tensor.dim() == 1 or float_type == "f32"
-                data = tensor.numpy().astype(np.float32 if keep32 else np.float16)
-                type_name, exact, shape = ("F32" if keep32 else "F16"), True, tuple(tensor.shape)
-            raw = gguf.GGMLQuantizationType[type_name]
-            writer.add_tensor(gguf_name, data, raw_dtype=raw if data.dtype == np.uint8 else None)
-            result.tensors.append(ExportedTensor(name, gguf_name, type_name, shape, data.nbytes, exact))
-        quant_types = Counter(t.gguf_type for t in result.tensors if t.name in codes)
-        if quant_types:
-            main = quant_types.most_common(1)[0][0]
-            file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{main}", None)
-            if file_type is not None:
-                writer.add_file_type(int(file_type))
-        writer.add_string("mec_quant.export", "exact" if not result.requantized else "requantized layers")
-        if result.requantized:
-            writer.add_array("mec_quant.requantized", result.requantized)
+        layout.metadata(writer, cfg, {"pooling": pooling})
+        order = SPEED_ORDER if prefer == "speed" else SIZE_ORDER
+        _add_tensors(gguf, writer, model, layout, result, order, types, requantize, float_type)
         add_tokenizer(writer, tokenizer, cfg.vocab_size, cfg)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

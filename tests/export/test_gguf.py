@@ -238,3 +238,90 @@ def test_missing_gguf_names_the_extra(monkeypatch, tmp_path, tokenizer):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(ImportError, match=r"mec-quant-plugin\[export\]"):
         export_gguf(torch.nn.Linear(2, 2), tmp_path / "m.gguf", tokenizer=tokenizer)
+
+
+def check_all_exact(model, result) -> dict[str, str]:
+    """Decode every quantized tensor the export wrote and compare with the model's codes x fp16(scale)."""
+    reader = gguf.GGUFReader(result.path)
+    tensors = {t.name: t for t in reader.tensors}
+    types = {}
+    for written in result.tensors:
+        if written.gguf_type in ("F32", "F16"):
+            continue
+        weight = model.get_submodule(written.name.removesuffix(".weight")).weight
+        expected = expected_weight(weight)
+        data = np.asarray(tensors[written.gguf_name].data)
+        decoded = decode(gguf, data.reshape(expected.shape[0], -1), written.gguf_type)
+        assert np.abs(decoded - expected).max() == 0.0, f"{written.name} ({written.gguf_type}) is not exact"
+        types[written.name] = written.gguf_type
+    return types
+
+
+@pytest.fixture(scope="module")
+def wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(
+        ["the quick brown fox jumps over the lazy dog"] * 10,
+        trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials),
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def test_a_bert_encoder_exports_exactly_with_its_wordpiece_vocabulary(tmp_path, wordpiece_tokenizer, caplog):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    model = convert_model(
+        prepare_model(BertForSequenceClassification(cfg).eval(), MECQuantConfig(weight_bits=4, act_bits=None))
+    )
+    result = export_gguf(model, tmp_path / "bert.gguf", tokenizer=wordpiece_tokenizer, pooling="cls")
+    types = check_all_exact(model, result)
+    assert types["bert.encoder.layer.0.attention.self.query.weight"] == "Q4_0"
+    assert types["bert.embeddings.word_embeddings.weight"] == "Q8_0"
+    assert "bert.pooler.dense.weight" in caplog.text and "classifier.weight" in caplog.text  # left out, said so
+    reader = gguf.GGUFReader(tmp_path / "bert.gguf")
+    assert reader.fields["general.architecture"].contents() == "bert"
+    assert reader.fields["bert.attention.causal"].contents() is False
+    assert reader.fields["bert.pooling_type"].contents() == 2
+    assert reader.fields["tokenizer.ggml.model"].contents() == "bert"
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    vocab = wordpiece_tokenizer.get_vocab()
+    assert tokens[vocab["[CLS]"]] == "[CLS]"
+    word = next(t for t in vocab if t.isalpha() and len(t) > 2)
+    piece = next(t for t in vocab if t.startswith("##"))
+    assert tokens[vocab[word]] == "\u2581" + word and tokens[vocab[piece]] == piece[2:]  # llama.cpp's phantom space
+    names = {t.name for t in reader.tensors}
+    assert {
+        "token_embd.weight",
+        "position_embd.weight",
+        "token_types.weight",
+        "token_embd_norm.weight",
+        "blk.0.attn_q.weight",
+        "blk.0.attn_q.bias",
+        "blk.0.attn_output_norm.weight",
+        "blk.0.ffn_up.weight",
+        "blk.0.ffn_down.weight",
+        "blk.0.layer_output_norm.weight",
+    } <= names

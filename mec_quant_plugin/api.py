@@ -31,6 +31,7 @@ from .modules.registry import (
     refused_float_type,
     supported_type_names,
 )
+from .progress import advance, layer_progress
 from .quantizers import ActivationFakeQuantizer
 from .report import quantization_report
 
@@ -62,7 +63,7 @@ def _mec_quant_transform(module: nn.Module, config: MECQuantConfig) -> nn.Module
             f"MECQuantConfig cannot quantize {type(module).__name__}; supported layer types: "
             f"{supported_type_names()}. Use filter_fn=is_supported_layer to select only those."
         )
-    return fq_cls.from_float(
+    prepared = fq_cls.from_float(
         module,
         weight_bits=config.weight_bits,
         act_bits=config.act_bits,  # an Embedding with act_bits raises a clear ValueError
@@ -70,6 +71,8 @@ def _mec_quant_transform(module: nn.Module, config: MECQuantConfig) -> nn.Module
         ternary=config.ternary,
         act_signedness=config.act_signedness,
     )
+    advance()  # prepare_model's progress bar, when one is shown
+    return prepared
 
 
 _ALREADY = (
@@ -149,7 +152,11 @@ def _names(names: list[str], limit: int = 4) -> str:
 
 
 def prepare_model(
-    model: nn.Module, config: MECQuantConfig | None = None, *, filter_fn: FilterFn | None = None
+    model: nn.Module,
+    config: MECQuantConfig | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Insert fake quantizers into every supported layer, applying the edge-layer policy.
 
@@ -159,6 +166,11 @@ def prepare_model(
     '8bit', 'float' or 'same'. Embeddings are always weight-only. The model is changed in place
     and returned; one log line per bit-width group says which layers got what. Preparing again
     with the same config is a no-op.
+
+    A progress bar over the layers (stderr) appears when preparing takes more than a couple of
+    seconds (a 135M-parameter model on a CPU): `progress=False` never shows it, `True` always; by
+    default it follows `MEC_QUANT_PROGRESS` (0/1) and the Hugging Face progress-bar setting (see
+    `mec_quant_plugin.progress`).
 
     Example:
         >>> model = prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
@@ -182,13 +194,22 @@ def prepare_model(
             groups.append((cfg, {name}))
         else:
             group[1].add(name)
-    for cfg, names in groups:
-        quantize_(model, cfg, filter_fn=lambda m, n, names=names: n in names and is_supported_layer(m, n))
+    todo = sum(1 for _, names in groups for n in names if is_supported_layer(model.get_submodule(n), n))
+    with layer_progress(todo, f"MEC-Quant: preparing {_bits_label(config)}", progress):
+        for cfg, names in groups:
+            quantize_(model, cfg, filter_fn=lambda m, n, names=names: n in names and is_supported_layer(m, n))
     _share_quantizers_of_tied_weights(model)
     report = quantization_report(model)
     for line in report.splitlines():
         logger.info(line)
     return model
+
+
+def _bits_label(config: MECQuantConfig) -> str:
+    """'W2A2', 'W4' (weight-only), 'A8' (activation-only), 'float'."""
+    weights = "" if config.weight_bits is None else f"W{config.weight_bits}"
+    acts = "" if config.act_bits is None else f"A{config.act_bits}"
+    return (weights + acts) or "float"
 
 
 def _warn_refused_subclasses(model: nn.Module) -> None:

@@ -100,7 +100,9 @@ class MECTrainingTerm:
                 )
             teacher = make_teacher(model)
         if not prepared:
-            prepare_model(model, self.config)
+            # TrainingArguments(disable_tqdm=True) turns off the preparation's progress bar too.
+            quiet = bool(getattr(getattr(trainer, "args", None), "disable_tqdm", False))
+            prepare_model(model, self.config, progress=False if quiet else None)
         self.attach(model, teacher)
         if internals.model_drops_loss_kwargs(model):
             internals.stop_passing_loss_kwargs(trainer, model)
@@ -258,7 +260,9 @@ class MECQuantCallback(TrainerCallback):
     the regularizer (`MECStats.to_dict()`: `mec/loss`, `mec/coding_length`, `mec/spectral_bound`,
     `mec/lambda`, per-tap and per-expert values, the gate balance, the teacher's cost,
     `mec/layer/*`, `mec/label/loss`, `mec/distill/loss`, `mec/total`), averaged over the logging
-    interval.
+    interval. Each `mec/*loss` is the amount its term adds to the training loss, weight applied
+    and >= 0 (`MECRegularizer`), and they sum to `mec/total`: the logged `loss` is the task loss
+    plus `mec/total`, never below the task loss.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[MECQuantCallback(MECQuantConfig())])

@@ -109,7 +109,8 @@ class MECQuantTrainerMixin:
         return [n for n in super().get_decay_parameter_names(model) if n not in exempt]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """The Trainer's log, with the `mec/*` statistics averaged since the last training log."""
+        """The Trainer's log, with the `mec/*` statistics averaged since the last training log
+        (`mec/*loss`: what each term adds to the logged training loss, weight applied, >= 0)."""
         if "loss" in logs:
             logs.update(self.mec_term.pop_log())
         super().log(logs, *args, **kwargs)

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..api import convert_model, prepare_model
+from ..checkpoint import load_checkpoint_state
 from ..config import MECQuantConfig
 from ..modules.registry import is_fake_quantized
 from ..objective import MECRegularizer, make_teacher
@@ -309,6 +310,9 @@ class MECQuantCallback(TrainerCallback):
         internals.run_callback_first(trainer, self)  # our on_log adds the mec/* keys the reporters read
         # the Trainer's create_model_card() / push_to_hub() write their card over ours: merge ours back in
         internals.after_create_model_card(trainer, lambda readme: update_model_card(trainer.model, readme))
+        # resume_from_checkpoint: load the keys the Trainer skips (renamed on load, e.g. ViT's) and fail
+        # on any weight or step size the checkpoint lacks, instead of training on from initial values
+        internals.after_checkpoint_load(trainer, load_checkpoint_state)
         return control
 
     def attach(self, model: nn.Module, teacher: nn.Module | None = None) -> None:

@@ -23,6 +23,8 @@ the plugin silently skipping what it does there.
 | `forget_load_only_conversions`| `model._weight_conversions`, reverted by `save_pretrained`     |
 | `after_create_model_card`     | `Trainer.create_model_card` writes `args.output_dir/README.md`; `push_to_hub` calls it |
 | `before_hub_upload`           | `model.push_to_hub` writes its card, then calls `_upload_modified_files(folder, ...)` |
+| `checkpoint_key_renamer`      | `conversion_mapping.get_model_conversion_mapping`, `core_model_loading.rename_source_key` |
+| `after_checkpoint_load`       | `Trainer._load_from_checkpoint` loads a resumed run's weights  |
 
 `make_saveable` uses the four saving ones; `MECQuantCallback` every Trainer one but
 `compute_loss_divisor`. `MECQuantTrainerMixin` overrides public Trainer methods (`compute_loss`,
@@ -339,3 +341,70 @@ def before_hub_upload(model: nn.Module, before: Callable[[str], None]) -> None:
 
     setattr(upload_modified_files, _SAVE_MARK, True)
     model._upload_modified_files = upload_modified_files
+
+
+# ---- loading a training checkpoint ----------------------------------------------------------
+def checkpoint_key_renamer(model: nn.Module) -> Callable[[str], str]:
+    """The renaming `from_pretrained` applies to a checkpoint's keys for `model`.
+
+    Why: transformers 5 saves some models under their original key names and renames them on
+    load (ViT: `vit.encoder.layer.0.attention.attention.query` is `vit.layers.0.attention.q_proj`),
+    but `Trainer._load_from_checkpoint` and a plain `load_state_dict` do not rename: those layers
+    (weights and step sizes) would silently keep their initial values. The returned function maps
+    a checkpoint key to the model's name for it.
+
+    Raises:
+        TransformersInternalsError: transformers has no `get_model_conversion_mapping` /
+            `rename_source_key`.
+        ValueError: (from the returned function) a key that transformers loads through a tensor
+            conversion (fused or split weights), not a renaming: not supported for training checkpoints.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError as exc:
+        raise _missing("transformers.conversion_mapping.get_model_conversion_mapping and "
+                       "core_model_loading.rename_source_key", f"Install transformers {CHECKED_WITH}.") from exc
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def rename(key: str) -> str:
+        renamed, converter = rename_source_key(key, renamings, converters)
+        if converter is not None:
+            raise ValueError(f"checkpoint key {key!r} of {type(model).__name__} is loaded by transformers through a "
+                             f"tensor conversion ({converter!r}), not a renaming: training checkpoints of this model "
+                             "cannot be loaded by mec_quant_plugin.")
+        return renamed
+
+    return rename
+
+
+_LOAD_MARK = "_mec_quant_load_wrapped"
+
+
+def after_checkpoint_load(trainer: Any, after: Callable[[nn.Module, str], None]) -> None:
+    """Call `after(model, folder)` each time `trainer.train(resume_from_checkpoint=folder)` has
+    loaded the checkpoint's weights into the (unwrapped) model; wrapping twice is a no-op.
+    Not under DeepSpeed or FSDP, which load sharded states themselves.
+
+    Why: `Trainer._load_from_checkpoint` loads with `load_state_dict(strict=False)` and only logs
+    missing keys, so a resumed run whose checkpoint does not fit the model silently restarts
+    those layers from their initial weights and step sizes; `after` checks (and completes) it.
+
+    Raises:
+        TransformersInternalsError: the Trainer has no `_load_from_checkpoint`.
+    """
+    original = _require(trainer, "_load_from_checkpoint", "Trainer._load_from_checkpoint")
+    if getattr(original, _LOAD_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def _load_from_checkpoint(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        original(resume_from_checkpoint, model)
+        sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
+        if not sharded:
+            after(model if model is not None else trainer.model, resume_from_checkpoint)
+
+    setattr(_load_from_checkpoint, _LOAD_MARK, True)
+    trainer._load_from_checkpoint = _load_from_checkpoint

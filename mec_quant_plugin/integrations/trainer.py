@@ -122,12 +122,17 @@ class MECTrainingTerm:
             self._warned.add(key)
             warnings.warn(message, stacklevel=4)
 
+    @torch.compiler.disable
     def add_to(
         self, loss: torch.Tensor, divisor: float, *, logits: Any = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`loss + term / divisor` for the last training forward, or `loss` unchanged (with a
         one-time warning) when the term is not finite; records the term's statistics. `logits`
-        (the model output) and `labels` feed distillation and the label-aware term."""
+        (the model output) and `labels` feed distillation and the label-aware term.
+
+        Runs eagerly under torch.compile (`Trainer(torch_compile=True)` traces the model's forward
+        hooks, this one included): the term reads Python statistics and a step-dependent schedule,
+        which would break the graph or recompile every step; the model's own graph stays whole."""
         term = self.regularizer(logits=logits, labels=labels)
         if not torch.isfinite(term).all():
             self.warn_once("nonfinite", f"{self.owner}: non-finite MEC-Quant term; skipped for this step.")

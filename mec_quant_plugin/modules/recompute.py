@@ -38,10 +38,13 @@ def call_with_recomputed_operands(
     """`fn(q(x) for (q, x) in operands, *rest)`, saving the float `x` instead of `q(x)` for backward.
 
     `q` is a fake quantizer, or any deterministic transform of one (e.g. quantize-then-pad); an
-    operand whose quantizer is None is passed through unchanged.
+    operand whose quantizer is None is passed through unchanged. Under `torch.compile` the plain
+    call is traced (saved-tensor hooks break the graph; the compiler decides what to keep).
     """
     quantized = [q(x) if q is not None else x for q, x in operands]
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # Under torch.compile the hooks would break the graph at every layer; AOTAutograd's
+        # partitioner chooses what to save and recomputes cheap elementwise ops itself.
         return fn(*quantized, *rest)
     sources = {id(t): (q, x) for (q, x), t in zip(operands, quantized) if q is not None}
 

@@ -113,6 +113,25 @@ class ActivationFakeQuantizer(KeepsFloat32):
     @run_in_fp32
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantized activation (initializes the step on the first training batch)."""
+        flags = self._flags
+        if flags is None or not flags[0]:
+            return self._first_forward(x)
+        # The steady state: plain tensor ops that torch.compile traces without a break (the flags
+        # are Python constants it guards on, so a calibration or a reload recompiles once).
+        return self._quantize(x, flags[1])
+
+    def _quantize(self, x: torch.Tensor, signed: bool) -> torch.Tensor:
+        qmin, qmax = self.qrange
+        g = 1.0 / math.sqrt(max(x[0].numel() if x.dim() > 1 else x.numel(), 1) * max(qmax, 1))
+        offset = self.offset if signed else None
+        idle = None if signed else self.offset
+        return LSQFakeQuantize.apply(x, positive_step(self.scale), offset, float(qmin), float(qmax), g, idle)
+
+    @torch.compiler.disable
+    def _first_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward until the step is initialized: reads the flags from the buffers and
+        calibrates on the first usable batch. Data-dependent (`.item()`, collectives, warnings),
+        so it runs eagerly even inside a compiled model: one graph break, on the first step only."""
         initialized, signed = self._read_flags()
         if not initialized:
             reason = degenerate_batch(x)
@@ -120,7 +139,7 @@ class ActivationFakeQuantizer(KeepsFloat32):
                 warnings.warn(
                     f"ActivationFakeQuantizer: skipped calibration on a degenerate batch ({reason or 'on another rank'}); "
                     "this input passes unquantized and the next batch calibrates the step size.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 # Zero-gradient use of the step and offset: DDP expects every parameter in the graph.
                 return x + 0.0 * (self.scale + self.offset)
@@ -129,15 +148,11 @@ class ActivationFakeQuantizer(KeepsFloat32):
                 warnings.warn(
                     "ActivationFakeQuantizer was never initialized by a training forward; calibrating it "
                     "from this evaluation batch (call calibrate_activations(model, batch) to choose the data).",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             self.calibrate(x)
             signed = self._read_flags()[1]
-        qmin, qmax = self.qrange
-        g = 1.0 / math.sqrt(max(x[0].numel() if x.dim() > 1 else x.numel(), 1) * max(qmax, 1))
-        offset = self.offset if signed else None
-        idle = None if signed else self.offset
-        return LSQFakeQuantize.apply(x, positive_step(self.scale), offset, float(qmin), float(qmax), g, idle)
+        return self._quantize(x, signed)
 
     def extra_repr(self) -> str:
         kind = "signed+offset" if bool(self.signed) else "unsigned"

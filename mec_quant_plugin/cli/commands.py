@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..checkpoint import TRAIN_CONFIG_FILE, convert_checkpoint
+from ..checkpoint import TRAIN_CONFIG_FILE, convert_checkpoint, is_training_checkpoint
 from .arguments import (
     ConvertArguments,
     DataArguments,
@@ -266,6 +266,28 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
     return 0
 
 
+def _quantized_model_of_checkpoint(parser: argparse.ArgumentParser, checkpoint: str):
+    """The quantized model of a training checkpoint (float master weights plus step sizes): prepared with
+    the run's config, loaded, converted to torchao int weights in memory, i.e. what `convert` would save.
+    Without the run's config it is a usage error: its float weights are not the model's accuracy."""
+    from ..api import convert_model
+    from ..checkpoint import load_training_checkpoint
+
+    try:
+        model, config = load_training_checkpoint(checkpoint)
+    except FileNotFoundError:
+        parser.error(f"{checkpoint!r} is a MEC-Quant training checkpoint (float master weights and step sizes) without "
+                     f"the run's {TRAIN_CONFIG_FILE}, so its quantized model cannot be rebuilt (scoring the float weights "
+                     "would not be the model's accuracy): convert it first with `mec-quant convert --model "
+                     f"{checkpoint} --output-dir OUT --config RUN_CONFIG.json` and evaluate OUT.")
+    except ValueError as exc:
+        parser.error(f"cannot evaluate the training checkpoint {checkpoint!r}: {exc}")
+    logger.info("%s is a training checkpoint: evaluating its quantized model (W%sA%s, converted in memory as "
+                "`mec-quant convert` would save it), not its float master weights", checkpoint, config.weight_bits,
+                config.act_bits)
+    return convert_model(model)
+
+
 def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -274,7 +296,10 @@ def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}.")
     task = _resolve_task(parser, args.model, args.dataset, args.task)
     try:
-        model = load_for_eval(args.model, task)
+        if Path(args.model).is_dir() and is_training_checkpoint(args.model):
+            model = _quantized_model_of_checkpoint(parser, args.model)
+        else:
+            model = load_for_eval(args.model, task)
         prepared = prepare_task(task, args.model, args, seed=args.seed, model=model, eval_split=args.split,
                                 for_training=False)
     except CLIError as exc:

@@ -1,6 +1,7 @@
 """Checkpoints saved during MEC-Quant training (prepared, not converted): the run's config, loading
 one into a prepared model the way `from_pretrained` loads (renamed keys, tied weights), and
-converting one into a saved quantized model.
+converting one into a saved quantized model. `MECQuantCallback` writes the run's config into every
+checkpoint (`write_train_config`), as `mec-quant train` does.
 
 `mec-quant convert` is `convert_checkpoint` on the command line; `mec-quant eval` evaluates a
 training checkpoint through `load_training_checkpoint`; `MECQuantCallback` checks a resumed run
@@ -69,6 +70,16 @@ def _read_config(path: Path) -> MECQuantConfig:
         return MECQuantConfig.from_json(path.read_text())
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a valid MECQuantConfig: {exc}") from exc
+
+
+def write_train_config(folder: str | os.PathLike, config: MECQuantConfig) -> Path:
+    """Write the run's config as `TRAIN_CONFIG_FILE` into a checkpoint (or run) folder, atomically
+    (a temporary file renamed over it); returns its path."""
+    path = Path(folder) / TRAIN_CONFIG_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config.to_json())
+    os.replace(tmp, path)
+    return path
 
 
 def run_config_file(checkpoint: str | os.PathLike) -> Path | None:

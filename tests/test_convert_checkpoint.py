@@ -66,12 +66,18 @@ def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
+def copy_folder(source: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for item in source.iterdir():
+        if item.is_file():
+            (dest / item.name).write_bytes(item.read_bytes())
+    return dest
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_checkpoint_converts_and_reloads_as_the_model_converted_in_memory(name, trained, tmp_path):
     trainer, batch, checkpoint = trained(name)
-    config_file = tmp_path / "run-config.json"  # a Trainer run with the bare callback writes none itself
-    config_file.write_text(CONFIG.to_json())
-    out = convert_checkpoint(checkpoint, tmp_path / "int", config_file)
+    out = convert_checkpoint(checkpoint, tmp_path / "int")  # the run's config: written into the checkpoint
     reloaded = mec_quant_plugin.from_pretrained(str(out))
     in_memory = convert_model(copy.deepcopy(trainer.model).eval())
     expected, got = _logits(in_memory, batch), _logits(reloaded, batch)
@@ -79,28 +85,33 @@ def test_checkpoint_converts_and_reloads_as_the_model_converted_in_memory(name, 
     assert mec_quant_plugin.quantization_report(reloaded) == mec_quant_plugin.quantization_report(in_memory)
 
 
+def test_the_callback_writes_the_runs_config_into_every_checkpoint(trained):
+    _, _, checkpoint = trained("bert")
+    assert MECQuantConfig.from_json((checkpoint / TRAIN_CONFIG_FILE).read_text()) == CONFIG
+
+
 def test_a_config_other_than_the_runs_is_refused(trained, tmp_path):
     _, _, checkpoint = trained("bert")
-    (checkpoint / TRAIN_CONFIG_FILE).write_text(CONFIG.to_json())  # what `mec-quant train` writes
     other = tmp_path / "w4a8.json"
     other.write_text(CONFIG.replace(weight_bits=4, act_bits=8).to_json())
-    try:
-        with pytest.raises(ValueError, match="weight_bits") as exc:
-            convert_checkpoint(checkpoint, tmp_path / "int", other)
-        assert "act_bits" in str(exc.value) and TRAIN_CONFIG_FILE in str(exc.value)
-        assert not (tmp_path / "int").exists()
-        same = tmp_path / "same.json"
-        same.write_text(CONFIG.to_json())
-        convert_checkpoint(checkpoint, tmp_path / "int-same", same)  # the run's own settings: fine
-        convert_checkpoint(checkpoint, tmp_path / "int-own")  # read from the checkpoint
-    finally:
-        (checkpoint / TRAIN_CONFIG_FILE).unlink()
+    with pytest.raises(ValueError, match="weight_bits: run 2, given 4") as exc:
+        convert_checkpoint(checkpoint, tmp_path / "int", other)
+    assert "act_bits: run 4, given 8" in str(exc.value) and TRAIN_CONFIG_FILE in str(exc.value)
+    assert not (tmp_path / "int").exists()
+    same = tmp_path / "same.json"
+    same.write_text(CONFIG.to_json())
+    convert_checkpoint(checkpoint, tmp_path / "int-same", same)  # the run's own settings: fine
 
 
 def test_a_checkpoint_without_its_config_needs_one(trained, tmp_path):
     _, _, checkpoint = trained("bert")
+    bare = copy_folder(checkpoint, tmp_path / "checkpoint-2")
+    (bare / TRAIN_CONFIG_FILE).unlink()  # e.g. saved by an older version
     with pytest.raises(FileNotFoundError, match="--config"):
-        convert_checkpoint(checkpoint, tmp_path / "int")
+        convert_checkpoint(bare, tmp_path / "int")
+    config_file = tmp_path / "run-config.json"
+    config_file.write_text(CONFIG.to_json())
+    convert_checkpoint(bare, tmp_path / "int", config_file)
 
 
 def test_a_checkpoint_missing_quantizer_state_is_refused(trained, tmp_path):
@@ -108,16 +119,10 @@ def test_a_checkpoint_missing_quantizer_state_is_refused(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
     _, _, checkpoint = trained("vit")
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    for item in checkpoint.iterdir():
-        if item.is_file():
-            (damaged / item.name).write_bytes(item.read_bytes())
+    damaged = copy_folder(checkpoint, tmp_path / "damaged")
     state = load_file(str(damaged / "model.safetensors"))
     dropped = next(k for k in state if k.endswith("weight_fake_quantizer.scale") and "layer" in k)
     del state[dropped]
     save_file(state, str(damaged / "model.safetensors"), metadata={"format": "pt"})
-    config_file = tmp_path / "run-config.json"
-    config_file.write_text(CONFIG.to_json())
     with pytest.raises(ValueError, match="missing"):
-        convert_checkpoint(damaged, tmp_path / "int", config_file)
+        convert_checkpoint(damaged, tmp_path / "int")

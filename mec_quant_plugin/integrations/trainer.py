@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..api import convert_model, prepare_model
-from ..checkpoint import load_checkpoint_state
+from ..checkpoint import load_checkpoint_state, write_train_config
 from ..config import MECQuantConfig
 from ..modules.registry import is_fake_quantized
 from ..objective import MECRegularizer, make_teacher
@@ -273,6 +275,10 @@ class MECQuantCallback(TrainerCallback):
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[MECQuantCallback(MECQuantConfig())])
 
+    Every checkpoint the Trainer saves also gets the run's config (`mec_quant_train_config.json`),
+    from which `convert_checkpoint` and `mec-quant eval` rebuild the quantized model; resuming from
+    a checkpoint that lacks any weight or step size of the model raises a ValueError.
+
     Before every optimizer step it checks the gradients: NaN/inf stops training with a
     FloatingPointError, or drops that update with `MECQuantConfig(on_nonfinite="skip")`.
 
@@ -370,6 +376,13 @@ class MECQuantCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         self.term.detach(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        # the run's config in every checkpoint: convert_checkpoint and `mec-quant eval` read it
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            write_train_config(folder, self.config)
+        return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.convert_on_train_end or model is None:

@@ -15,6 +15,9 @@ Torch FP and torch converted decode ms/token are measured beside it.
     python benchmarks/deploy.py gguf --bits W2 W4 --threads 1
 
 Writes benchmarks/results/deploy_gguf.json (command, commit, machine, one entry per bits x prefer).
+
+`blocks`: every block encoder of `export_gguf` decoded by llama.cpp's own C reference decoders
+(`dequantize_row_*` of libggml-base, from llama-cpp-python): the difference must be 0.0.
 """
 
 from __future__ import annotations
@@ -96,6 +99,24 @@ def torch_greedy(model: nn.Module, ids: list[int], n: int) -> tuple[list[int], f
     return tokens, (time.perf_counter() - start) / max(n - 1, 1)
 
 
+@torch.no_grad()
+def torch_greedy_batch(model: nn.Module, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """n greedy tokens for every prompt at once (left padding, explicit positions): the reference."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    tokens = [out.logits[:, -1].argmax(-1)]
+    for _ in range(n - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1).tolist()
+
+
 def llama_logits(llm: Any) -> np.ndarray:
     """The logits of the last evaluated token (llama-cpp-python keeps them only with logits_all)."""
     import llama_cpp
@@ -153,7 +174,7 @@ def run_gguf(args: argparse.Namespace) -> dict[str, Any]:
         converted = convert_model(prepare_model(copy.deepcopy(fp), MECQuantConfig(weight_bits=wbits, act_bits=None)))
         _, conv_s = torch_greedy(converted, prompts[0], min(args.new_tokens, 8))
         ref = exported_weights_model(converted, fp)
-        ref_tokens = [torch_greedy(ref, ids, args.new_tokens)[0] for ids in prompts]
+        ref_tokens = torch_greedy_batch(ref, prompts, args.new_tokens)
         limit = physical_limit(converted)
         for prefer in ("speed", "size"):
             path = out_dir / f"{Path(args.model).name}-{bits_text}-{prefer}.gguf"
@@ -181,6 +202,43 @@ def run_gguf(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def ggml_base_library() -> Path:
+    """libggml-base of the installed llama-cpp-python (its own C decoders), or $LLAMA_CPP_LIB_PATH's."""
+    import os
+
+    folder = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if folder is None:
+        import llama_cpp
+
+        folder = str(Path(llama_cpp.__file__).parent / "lib")
+    return Path(folder) / "libggml-base.so"
+
+
+def run_blocks(args: argparse.Namespace) -> dict[str, Any]:
+    """Every block encoder of export_gguf against llama.cpp's own C decoder (dequantize_row_*)."""
+    import ctypes
+
+    from mec_quant_plugin.export.gguf_blocks import BLOCK_TYPES
+
+    lib = ctypes.CDLL(str(ggml_base_library()))
+    rng = np.random.default_rng(0)
+    results = {}
+    for name, btype in BLOCK_TYPES.items():
+        decode = getattr(lib, f"dequantize_row_{name.lower().replace('_k', '_K')}")
+        n = 64
+        levels = [-1, 1] if btype.no_zero else list(range(btype.lo, btype.hi + 1))
+        k = rng.choice(levels, size=(n, btype.block))
+        k.reshape(-1)[: len(levels)] = levels
+        d = (rng.standard_normal(n) * rng.choice([1e-4, 1e-2, 1.0, 1e3], n)).astype(np.float16)
+        blocks = np.ascontiguousarray(btype.encode(k, d))
+        out = np.zeros(n * btype.block, dtype=np.float32)
+        decode(blocks.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(out.size))
+        diff = float(np.abs(out.reshape(n, -1) - k * d.astype(np.float32)[:, None]).max())
+        results[name] = {"max_abs_difference": diff, "blocks": n}
+        print(f"{name}: max |ggml decode - codes x fp16 step| = {diff}")
+    return {"blocks": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,8 +250,10 @@ def main() -> None:
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--out-dir", default=None, help="where the .gguf files go (default: a temporary folder)")
     g.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "deploy_gguf.json"))
+    b = sub.add_parser("blocks", help="every GGUF block encoder against llama.cpp's C decoder")
+    b.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "deploy_blocks.json"))
     args = parser.parse_args()
-    results = run_gguf(args)
+    results = run_gguf(args) if args.command == "gguf" else run_blocks(args)
     results.update({"command": " ".join(sys.argv), "commit": commit("benchmarks/deploy.py"), "machine": machine()})
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(results, indent=2) + "\n")

@@ -13,7 +13,7 @@ from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .config import MECQuantConfig
-from .convert import convert_layer, nonfinite_message
+from .convert import convert_layer, inexact_export_reason, nonfinite_message
 from .layer_policy import find_head_layer, find_input_layers
 from .modules.base import (
     FakeQuantizedModule,
@@ -165,7 +165,9 @@ def prepare_model(
     8 bits for what the body quantizes (W8A8 for a W2A2 body; float when nothing is quantized),
     '8bit', 'float' or 'same'. Embeddings are always weight-only. The model is changed in place
     and returned; one log line per bit-width group says which layers got what. Preparing again
-    with the same config is a no-op.
+    with the same config is a no-op. A group size that GGUF / ONNX cannot store exactly (not a
+    multiple of 32, or not a power of two >= 16) gives a UserWarning: the torchao artifact stays
+    exact, an export of those layers would not.
 
     A progress bar over the layers (stderr) appears when preparing takes more than a couple of
     seconds (a 135M-parameter model on a CPU): `progress=False` never shows it, `True` always; by
@@ -184,6 +186,9 @@ def prepare_model(
         raise ValueError(f"prepare_model needs config.step='prepare', got {config.step!r}.")
     _warn_refused_subclasses(model)
     plan = _layer_plan(model, config, filter_fn)
+    inexact = {inexact_export_reason(cfg.group_size) for cfg in plan.values() if cfg is not None and cfg.weight_bits}
+    for reason in sorted(filter(None, inexact)):
+        warnings.warn(reason, UserWarning, stacklevel=2)
     _check_not_prepared_otherwise(model, plan)
     groups: list[tuple[MECQuantConfig, set[str]]] = []
     for name, cfg in plan.items():

@@ -30,7 +30,7 @@ class LayerQuantization:
 
     Attributes:
         bits: its `W{w}A{a}` label ("W4Afloat"), or "float (not quantized)".
-        storage: what its weight tensor holds, e.g. "int4 codes + float32 scales per channel
+        storage: what its weight tensor holds, e.g. "int4 codes + float16 scales per channel
             (torchao IntxUnpackedToInt8Tensor)" or "float weights fake-quantized for training".
     """
 
@@ -44,7 +44,7 @@ def describe_layer(module: nn.Module) -> LayerQuantization | None:
 
     Example:
         >>> describe_layer(model.model.layers[0].mlp.up_proj)
-        LayerQuantization(bits='W4Afloat', storage='int4 codes + float32 scales per channel (torchao IntxUnpackedToInt8Tensor)')
+        LayerQuantization(bits='W4Afloat', storage='int4 codes + float16 scales per channel (torchao IntxUnpackedToInt8Tensor)')
     """
     fake = isinstance(module, FakeQuantizedModule)
     if not (fake or is_supported_layer(module) or holds_converted_weight(module)):
@@ -144,7 +144,7 @@ def quantization_groups(model: nn.Module) -> list[LayerGroup]:
 def quantization_report(model: nn.Module) -> str:
     """Which layers are quantized at which bits and what their weights store, and what stays float.
 
-    One line per group, e.g. `W2A2: 12 layers, int2 codes + float32 scales per channel (torchao
+    One line per group, e.g. `W2A2: 12 layers, int2 codes + float16 scales per channel (torchao
     IntxUnpackedToInt8Tensor) (model.layers.0.self_attn.q_proj, ...)`; then the layers left float
     because their parent bypasses their forward, and the modules holding float parameters of a
     type the plugin does not quantize (norms, ViT's position embeddings).

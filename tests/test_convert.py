@@ -1,10 +1,11 @@
-"""convert: torchao int weights with the learned scales; outputs equal the fake-quant model."""
+"""convert: torchao int weights with the learned scales (rounded to fp16); outputs equal the
+fake-quant model computing with the same codes and fp16-rounded scales."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from testing_utils import TINY_MODELS
+from testing_utils import TINY_MODELS, fp16_scales
 from torch import nn
 from torchao.quantization import quantize_
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
@@ -38,7 +39,7 @@ def test_convert_equals_fake_quant_output(name, act_bits):
     prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=act_bits))
     _train_a_little(model, batch)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), fp16_scales():
         before = model(**batch).logits
     convert_model(model)
     with torch.no_grad():
@@ -64,7 +65,7 @@ def test_every_bit_width_converts_exactly(bits, kind):
     }[kind]
     model = nn.Sequential(layer)
     quantize_(model, MECQuantConfig(weight_bits=bits, act_bits=None), filter_fn=is_supported_layer)
-    with torch.no_grad():
+    with torch.no_grad(), fp16_scales():
         ref = model(x)
         codes = model[0].weight_fake_quantizer.to_affine(model[0].weight).codes
     quantize_(model, MECQuantConfig(step="convert"), filter_fn=is_fake_quantized)
@@ -86,7 +87,7 @@ def test_binary_and_ternary_codes():
     assert set(w.qdata.unique().tolist()) <= {-1, 0}
     deq = w.dequantize()
     for c in range(4):
-        assert set(deq[c].abs().unique().tolist()) == pytest.approx([alpha[c].item()])
+        assert set(deq[c].abs().unique().tolist()) == {(2 * alpha[c]).half().item() / 2}  # scale 2*alpha, fp16
     model = nn.Sequential(nn.Linear(32, 4))
     quantize_(model, MECQuantConfig(weight_bits=2, ternary=True, act_bits=None), filter_fn=is_supported_layer)
     convert_model(model)
@@ -98,7 +99,7 @@ def test_per_group_convert():
     quantize_(model, MECQuantConfig(weight_bits=3, act_bits=None, weight_granularity="per_group",
                                     group_size=8), filter_fn=is_supported_layer)
     x = torch.randn(2, 32)
-    with torch.no_grad():
+    with torch.no_grad(), fp16_scales():
         ref = model(x)
     convert_model(model)
     assert model[0].weight.block_size == (1, 8)

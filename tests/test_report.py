@@ -19,8 +19,8 @@ def test_report_of_a_model_reloaded_with_plain_transformers(tmp_path):
     reloaded = type(model).from_pretrained(str(tmp_path))  # transformers + torchao, no plugin code
     report = quantization_report(reloaded)
     assert "float (not quantized)" not in report
-    assert "W4Afloat: 14 layers, int4 codes + float32 scales per channel (torchao IntxUnpackedToInt8Tensor)" in report
-    assert "W8Afloat: 2 layers, int8 codes + float32 scales per channel" in report
+    assert "W4Afloat: 14 layers, int4 codes + float16 scales per channel (torchao IntxUnpackedToInt8Tensor)" in report
+    assert "W8Afloat: 2 layers, int8 codes + float16 scales per channel" in report
 
 
 @pytest.mark.parametrize("act_bits", [None, 4])
@@ -34,7 +34,7 @@ def test_report_says_what_each_layer_stores_before_and_after_convert(act_bits):
     # GPT-2's Conv1D keeps a float weight (torchao has no kernel for its layout): say so.
     assert f"W2A{a}: 8 layers, float32 weights holding the 2-bit levels (no torchao int kernel for Conv1D)" in report
     edges = 3 if act_bits is None else 2  # wte, wpe (and the tied lm_head when it has no input quantizer)
-    assert f"W8Afloat: {edges} layers, int8 codes + float32 scales per channel (torchao IntxUnpackedToInt8Tensor)" in report
+    assert f"W8Afloat: {edges} layers, int8 codes + float16 scales per channel (torchao IntxUnpackedToInt8Tensor)" in report
     assert "float (not quantized)" not in report
 
 

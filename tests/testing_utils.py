@@ -1,12 +1,15 @@
 """Shared test code: the one registry of tiny models (built from configs, no downloads, each with a
-matching input batch), a tiny plain MLP, and the Trainer helpers (datasets shaped like a model's
-batch, a two-step CPU Trainer)."""
+matching input batch), a tiny plain MLP, the Trainer helpers (datasets shaped like a model's
+batch, a two-step CPU Trainer) and `fp16_scales`, the reference a converted model equals."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from datasets import Dataset
@@ -15,6 +18,25 @@ from transformers import Trainer, TrainingArguments
 
 from mec_quant_plugin import MECQuantCallback, MECQuantConfig
 from mec_quant_plugin.modules import FakeQuantizedModule
+
+
+@contextlib.contextmanager
+def fp16_scales() -> Iterator[None]:
+    """Inside, weight fake quantizers compute with their training codes times fp16-rounded scales:
+    what convert stores (scales fp16 cannot hold stay fp32, see `convert.fp16_scale`), so the
+    fake-quantized model's outputs are the reference a converted model equals. No gradients."""
+    from mec_quant_plugin.convert import fp16_scale
+    from mec_quant_plugin.quantizers import WeightFakeQuantizer
+
+    def forward(self: WeightFakeQuantizer, weight: Tensor) -> Tensor:
+        a = self.to_affine(weight)
+        rounded = fp16_scale(a.scale, a.codes, a.block_size)
+        scale = a.scale if rounded is None else rounded.float()
+        return dataclasses.replace(a, scale=scale).dequantize().to(weight.dtype)
+
+    with mock.patch.object(WeightFakeQuantizer, "forward", forward):
+        yield
+
 
 # --- tiny models -------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from torch import nn
 from ..config import MECQuantConfig
 from ..modules.base import LEVELS_ATTR, FakeQuantizedModule
 from ..modules.registry import fake_quantized_class_for
+from ..quantized_embedding import use_gathering_embeddings
 from ..quantizers import ActivationFakeQuantizer
 from .model_card import update_model_card, write_model_card
 from .transformers_internals import (
@@ -452,5 +453,6 @@ def from_pretrained(path_or_repo_id: str, **kwargs: Any) -> nn.Module:
     kwargs.setdefault("trust_remote_code", False)
     model = cls.from_pretrained(str(folder), **kwargs)
     _restore_activation_quantizers(model, folder, meta)
+    use_gathering_embeddings(model)  # quantized embeddings dequantize only the rows they look up
     make_saveable(model, MECQuantConfig.from_dict(meta["mec_quant_config"]), run_info=meta.get("run_info"))
     return model.eval()

@@ -325,3 +325,25 @@ def test_a_bert_encoder_exports_exactly_with_its_wordpiece_vocabulary(tmp_path, 
         "blk.0.ffn_down.weight",
         "blk.0.layer_output_norm.weight",
     } <= names
+
+
+def test_a_model_still_fake_quantized_exports_the_same_tensors_as_converted(tmp_path, tokenizer):
+    config = MECQuantConfig(weight_bits=3, act_bits=None)
+    prepared = prepare_model(tiny_llama(), config)
+    export_gguf(prepared, tmp_path / "prepared.gguf", tokenizer=tokenizer, prefer="size")
+    export_gguf(convert_model(prepared), tmp_path / "converted.gguf", tokenizer=tokenizer, prefer="size")
+    a, b = gguf.GGUFReader(tmp_path / "prepared.gguf"), gguf.GGUFReader(tmp_path / "converted.gguf")
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.tensor_type == y.tensor_type and np.array_equal(np.asarray(x.data), np.asarray(y.data)), x.name
+
+
+def test_steps_that_underflow_fp16_are_refused():
+    from mec_quant_plugin.export.codes import codes_from_affine
+    from mec_quant_plugin.export.gguf import _quantized_tensor
+
+    qdata = torch.randint(-2, 2, (4, 64), dtype=torch.int8)
+    lc = codes_from_affine("w", qdata, torch.full((4, 1), 1e-9), torch.zeros(4, 1), (1, 64), bits=2)
+    assert not lc.source_exact
+    with pytest.raises(GGUFExportError, match="w .*underflow"):
+        _quantized_tensor(gguf, lc, ("Q4_0",), requantize=False)

@@ -122,6 +122,29 @@ def checkpoint_config(checkpoint: str | os.PathLike, config_path: str | os.PathL
     return given
 
 
+QUANTIZATION_FIELDS = ("weight_bits", "act_bits", "weight_granularity", "group_size", "ternary", "act_signedness",
+                       "edge_layers")
+"""The MECQuantConfig fields that decide what the step sizes of a checkpoint mean."""
+
+
+def check_same_quantization(checkpoint: str | os.PathLike, config: MECQuantConfig) -> None:
+    """Refuse to resume a checkpoint with other quantization settings than its run's (its own
+    `TRAIN_CONFIG_FILE`, when it has one): W4 step sizes have the same names as W2 ones, so the
+    keys alone cannot tell. The MEC term's settings may change.
+
+    Raises:
+        ValueError: a field of `QUANTIZATION_FIELDS` differs (named, with both values).
+    """
+    path = Path(checkpoint) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return
+    saved, now = _read_config(path).to_dict(), config.to_dict()
+    diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in QUANTIZATION_FIELDS if saved[k] != now[k]]
+    if diff:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} was trained with other quantization settings ({path.name}): "
+                         f"{'; '.join(diff)}. Resume with the run's settings, or start a new run from the float model.")
+
+
 def _aliases(model: nn.Module) -> dict[str, set[str]]:
     """Every state-dict name -> all names of the same tensor (tied weights, shared step sizes)."""
     by_tensor: dict[int, set[str]] = {}

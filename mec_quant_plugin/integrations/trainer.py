@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..api import convert_model, prepare_model
-from ..checkpoint import load_checkpoint_state, write_train_config
+from ..checkpoint import check_same_quantization, load_checkpoint_state, write_train_config
 from ..config import MECQuantConfig
 from ..modules.registry import is_fake_quantized
 from ..objective import MECRegularizer, make_teacher
@@ -277,7 +277,8 @@ class MECQuantCallback(TrainerCallback):
 
     Every checkpoint the Trainer saves also gets the run's config (`mec_quant_train_config.json`),
     from which `convert_checkpoint` and `mec-quant eval` rebuild the quantized model; resuming from
-    a checkpoint that lacks any weight or step size of the model raises a ValueError.
+    a checkpoint that lacks any weight or step size of the model, or with other quantization
+    settings than the checkpoint's run, raises a ValueError.
 
     Before every optimizer step it checks the gradients: NaN/inf stops training with a
     FloatingPointError, or drops that update with `MECQuantConfig(on_nonfinite="skip")`.
@@ -322,9 +323,13 @@ class MECQuantCallback(TrainerCallback):
         # the Trainer's create_model_card() / push_to_hub() write their card over ours: merge ours back in
         internals.after_create_model_card(trainer, lambda readme: update_model_card(trainer.model, readme))
         # resume_from_checkpoint: load the keys the Trainer skips (renamed on load, e.g. ViT's) and fail
-        # on any weight or step size the checkpoint lacks, instead of training on from initial values
-        internals.after_checkpoint_load(trainer, load_checkpoint_state)
+        # on any weight or step size the checkpoint lacks, or on other quantization settings than its run's
+        internals.after_checkpoint_load(trainer, self._check_resumed)
         return control
+
+    def _check_resumed(self, model: nn.Module, checkpoint: str) -> None:
+        check_same_quantization(checkpoint, self.config)
+        load_checkpoint_state(model, checkpoint)
 
     def attach(self, model: nn.Module, teacher: nn.Module | None = None) -> None:
         """Build the regularizer and the loss hook on an already prepared model (outside a Trainer)."""

@@ -69,3 +69,15 @@ def test_resume_from_a_checkpoint_missing_step_sizes_fails_loudly(tmp_path):
         _run(tmp_path / "part", config, resume=str(weights.parent))
     assert len(dropped) > 5 and f"({len(dropped)} in all)" in str(exc.value)
     assert sum(k in str(exc.value) for k in dropped) == 5  # the first five named
+
+
+def test_resume_with_other_quantization_settings_fails_loudly(tmp_path):
+    """W4 step sizes have the same keys as W2 ones: without the check, a W2A4 checkpoint resumed with
+    W4A4 settings trains on silently with the 2-bit steps applied at 4 bits."""
+    _run(tmp_path / "part", MECQuantConfig(weight_bits=2, act_bits=4), stop_at=2)
+    with pytest.raises(ValueError, match="weight_bits: checkpoint 2, now 4"):
+        _run(tmp_path / "part", MECQuantConfig(weight_bits=4, act_bits=4), resume=str(tmp_path / "part" / "checkpoint-2"))
+    # the MEC term's settings may change on resume
+    resumed = _run(tmp_path / "part", MECQuantConfig(weight_bits=2, act_bits=4, mec_weight=0.1),
+                   resume=str(tmp_path / "part" / "checkpoint-2"))
+    assert resumed.state.global_step == 4

@@ -1,0 +1,154 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): two gloo processes on CPU train exactly like one
+process on the concatenated batch, as tests/integrations/test_ddp.py checks for DDP.
+
+Why a plain training loop and not `Trainer` / `accelerate launch`: accelerate 1.15 turns FSDP on
+only for accelerator devices (`AcceleratorState` sets `DistributedType.FSDP` in its multi-GPU/XPU/
+NPU/... branch); on CPU it silently drops the FSDP plugin and wraps the model in DDP, so there is
+no CPU FSDP2 path through the Trainer to test. This loop does what accelerate's
+`fsdp2_prepare_model` does (one `fully_shard` unit per decoder layer, then the root) with the
+plugin's `MECRegularizer`, and checks: the coding-length term codes the global batch, every weight
+and step size (sharded DTensors) ends equal to one process's, a sharded checkpoint
+(torch.distributed.checkpoint) saved after step 1 resumes to the same end, and the model converted
+from the gathered full state dict equals one process's converted model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+HERE = Path(__file__).resolve().parents[1]
+STEPS = 3
+LR = 1e-2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch() -> dict[str, torch.Tensor]:
+    """Four rows of 8 token ids; each of the two ranks trains on two of them."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (4, 8), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _build(world: int):
+    """A prepared tiny Llama (W2 weights, float activations), its regularizer and optimizer;
+    sharded with one FSDP2 unit per decoder layer plus the root when world > 1."""
+    from testing_utils import tiny_llama
+    from torch.distributed.fsdp import fully_shard
+
+    from mec_quant_plugin import MECQuantConfig, prepare_model
+    from mec_quant_plugin.objective import MECRegularizer
+
+    torch.manual_seed(0)
+    model, _ = tiny_llama()
+    config = MECQuantConfig(weight_bits=2, act_bits=None, mec_gather=True, mec_weight=1.0)
+    prepare_model(model, config, progress=False)
+    regularizer = MECRegularizer(model, config)
+    if world > 1:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    return model, regularizer, optimizer, config
+
+
+def _step(model, regularizer, optimizer, batch: dict[str, torch.Tensor], step: int) -> tuple[float, float]:
+    regularizer.set_progress(step, STEPS)
+    loss = model(**batch).loss
+    term = regularizer()
+    (loss + term).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return term.item(), regularizer.last_stats.get("rows", 0.0)
+
+
+def _full_state(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a full (unsharded) tensor, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def _train(rank: int, world: int, port: int, out_dir: str) -> None:
+    sys.path.insert(0, str(HERE))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from mec_quant_plugin import convert_model
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    batch = {k: v.chunk(world)[rank] for k, v in _global_batch().items()}
+    model, regularizer, optimizer, _ = _build(world)
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
+    terms = [_step(model, regularizer, optimizer, batch, 0)]
+    if world > 1:
+        # A sharded checkpoint after step 1, loaded into a freshly built (re-initialized) model.
+        ckpt = os.path.join(out_dir, "checkpoint-1")
+        weights, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": weights, "optim": optim_state}, checkpoint_id=ckpt)
+        regularizer.remove()
+        model, regularizer, optimizer, _ = _build(world)
+        weights, optim_state = get_state_dict(model, optimizer)
+        state = {"model": weights, "optim": optim_state}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    terms += [_step(model, regularizer, optimizer, batch, step) for step in range(1, STEPS)]
+    full = _full_state(model)
+    if rank == 0:
+        # The final save: the gathered weights and step sizes converted in one unsharded model.
+        regularizer.remove()
+        plain, reg, _, _ = _build(1)
+        reg.remove()
+        plain.load_state_dict(full)
+        convert_model(plain.eval())
+        with torch.no_grad():
+            logits = plain(input_ids=_global_batch()["input_ids"]).logits
+        codes = {n: m.weight.qdata.clone() for n, m in plain.named_modules() if hasattr(getattr(m, "weight", None), "qdata")}
+        torch.save({"state": full, "terms": terms, "sharded": sharded, "logits": logits, "codes": codes},
+                   os.path.join(out_dir, "result.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    mp.spawn(_train, args=(1, _free_port(), str(one)), nprocs=1, join=True)
+    mp.spawn(_train, args=(2, _free_port(), str(two)), nprocs=2, join=True)
+    a = torch.load(one / "result.pt", weights_only=True)
+    b = torch.load(two / "result.pt", weights_only=True)
+    # FSDP2 sharded the weights AND their step sizes (one DTensor each); one process shards nothing
+    assert not a["sharded"] and any(n.endswith("weight_fake_quantizer.scale") for n in b["sharded"])
+    assert any(n.endswith("q_proj.weight") for n in b["sharded"])
+    # every step had a real term; each process captured half the rows and coded the global batch
+    (a_terms, a_rows), (b_terms, b_rows) = zip(*a["terms"]), zip(*b["terms"])
+    assert len(a_terms) == len(b_terms) == STEPS and all(v != 0 and v == v for v in a_terms + b_terms)
+    assert all(r > 0 for r in b_rows) and list(a_rows) == [2 * r for r in b_rows]
+    assert list(a_terms) == pytest.approx(list(b_terms), rel=1e-5)
+    # resumed from the sharded checkpoint after step 1, the end equals one uninterrupted process
+    assert a["state"].keys() == b["state"].keys()
+    diffs = {k: (v.float() - b["state"][k].float()).abs().max().item() for k, v in a["state"].items()}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # the converted model: the same int codes and outputs as one process's
+    assert a["codes"] and a["codes"].keys() == b["codes"].keys()
+    for name, codes in a["codes"].items():
+        assert torch.equal(codes, b["codes"][name]), name
+    torch.testing.assert_close(b["logits"], a["logits"], atol=1e-5, rtol=1e-5)

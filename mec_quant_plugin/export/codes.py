@@ -106,12 +106,13 @@ def _bits_of(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.int8 else int(str(dtype).removeprefix("torch.int"))
 
 
-def quantized_weights(model: nn.Module) -> dict[str, LayerCodes]:
+def quantized_weights(model: nn.Module, *, skip_non_2d: bool = False) -> dict[str, LayerCodes]:
     """Every quantized weight of `model` as `LayerCodes`, keyed by parameter name.
 
     Reads converted layers (torchao `IntxUnpackedToInt8Tensor` weights) and layers still
     fake-quantized (their weight quantizer's `to_affine`). A weight shared by several layers
-    (tied embeddings / lm_head) appears once, under its first name.
+    (tied embeddings / lm_head) appears once, under its first name. With `skip_non_2d`, weights
+    that are not 2-D (convolutions) are left out instead of raising.
 
     Example:
         >>> sorted(quantized_weights(convert_model(model)))[:1]
@@ -121,7 +122,7 @@ def quantized_weights(model: nn.Module) -> dict[str, LayerCodes]:
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():
         weight = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
-        if weight is None or id(weight) in seen:
+        if weight is None or id(weight) in seen or (skip_non_2d and weight.dim() != 2):
             continue
         name = f"{mod_name}.weight" if mod_name else "weight"
         wfq = getattr(mod, "weight_fake_quantizer", None) if isinstance(mod, FakeQuantizedModule) else None

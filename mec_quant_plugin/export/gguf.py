@@ -33,7 +33,7 @@ import numpy as np
 from torch import nn
 
 from .codes import LayerCodes, quantized_weights
-from .gguf_blocks import BLOCK_TYPES, SIZE_ORDER, SPEED_ORDER, BlockType, dequantize_q1_0
+from .gguf_blocks import BLOCK_TYPES, SIZE_ORDER, SPEED_ORDER, BlockType, dequantize_q1_0, dequantize_q2_0
 from .gguf_layouts import LAYOUTS, Layout
 from .gguf_vocab import add_tokenizer
 
@@ -152,8 +152,9 @@ def encode_exact(lc: LayerCodes, btype: BlockType, sign: int) -> np.ndarray:
 
 def decode(gguf: Any, data: np.ndarray, type_name: str) -> np.ndarray:
     """Decode blocks with gguf's own decoder (Q1_0: the ggml reference loop)."""
-    if type_name == "Q1_0":
-        return dequantize_q1_0(data.reshape(-1, BLOCK_TYPES["Q1_0"].bytes_per_block)).reshape(data.shape[0], -1)
+    own = {"Q1_0": dequantize_q1_0, "Q2_0": dequantize_q2_0}.get(type_name)
+    if own is not None:
+        return own(data.reshape(-1, BLOCK_TYPES[type_name].bytes_per_block)).reshape(data.shape[0], -1)
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
 
 
@@ -184,6 +185,8 @@ def _forced_type(name: str, types: Mapping[str, str] | None) -> str | None:
         if fnmatch.fnmatchcase(name, pattern):
             if type_name not in BLOCK_TYPES:
                 raise ValueError(f"types[{pattern!r}] = {type_name!r}: allowed types are {sorted(BLOCK_TYPES)}.")
+            if type_name not in _import_gguf().GGMLQuantizationType.__members__:
+                raise ValueError(f"types[{pattern!r}] = {type_name!r}: the installed gguf package cannot write it.")
             return type_name
     return None
 
@@ -365,7 +368,8 @@ def export_gguf(
     try:
         writer.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "model")).name)
         layout.metadata(writer, cfg, {"pooling": pooling})
-        order = SPEED_ORDER if prefer == "speed" else SIZE_ORDER
+        known = gguf.GGMLQuantizationType.__members__  # Q2_0 only in gguf newer than PyPI's 0.19.0
+        order = tuple(n for n in (SPEED_ORDER if prefer == "speed" else SIZE_ORDER) if n in known)
         _add_tensors(gguf, writer, model, layout, result, order, types, requantize, float_type)
         add_tokenizer(writer, tokenizer, cfg.vocab_size, cfg)
         writer.write_header_to_file()

@@ -3,8 +3,12 @@
 The `gguf` package quantizes floats (it picks its own scale); an exact export must instead store
 our codes k and our fp16 step d with `w = k * d`. Each encoder below packs blocks of k (one step
 per block) in the byte layout of llama.cpp's `ggml-common.h`; `tests/export/test_gguf.py` checks
-every one against `gguf.quants.dequantize` (Q1_0, which gguf 0.19 cannot decode, against the
-reference loop of ggml-quants.c, `dequantize_q1_0` here).
+every one against `gguf.quants.dequantize` (Q1_0 and Q2_0, which gguf cannot decode, against the
+reference loops of ggml-quants.c, `dequantize_q1_0` / `dequantize_q2_0` here), and
+`benchmarks/deploy.py blocks` against llama.cpp's own C decoders.
+
+Q2_0 (2.25 bits per weight, blocks of 64) is in llama.cpp but not in the gguf 0.19.0 of PyPI:
+it is used only when the installed gguf knows it (`GGMLQuantizationType.Q2_0`).
 
 Negative steps are allowed: a code range that fits a type only mirrored (int2 codes [-2, 1] in
 TQ2_0's [-1, 2]) is stored as `(-k) * (-d)`.
@@ -91,6 +95,19 @@ def encode_tq1_0(k: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([packed.astype(np.uint8), _fp16_bytes(d)], axis=1)
 
 
+def encode_q2_0(k: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q2_0: fp16 d, 16 bytes of 2-bit q = k + 1 (bits 2*(j%4) of byte j/4); w = d * k, k in [-1, 2]."""
+    q = (k + 1).astype(np.uint8).reshape(-1, 16, 4) << np.array([0, 2, 4, 6], dtype=np.uint8)
+    return np.concatenate([_fp16_bytes(d), np.bitwise_or.reduce(q, axis=2)], axis=1)
+
+
+def dequantize_q2_0(blocks: np.ndarray) -> np.ndarray:
+    """The reference decoder of Q2_0 (ggml-quants.c `dequantize_row_q2_0`), for gguf lacks it."""
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    q = (blocks[:, 2:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+    return d * (q.reshape(blocks.shape[0], -1).astype(np.float32) - 1)
+
+
 def encode_q1_0(k: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Q1_0: fp16 d, 16 bytes of sign bits (bit j%8 of byte j/8: 1 -> +d, 0 -> -d); k in {-1, +1}."""
     bits = np.packbits((k > 0).astype(np.uint8), axis=1, bitorder="little")
@@ -146,6 +163,7 @@ BLOCK_TYPES: dict[str, BlockType] = {
         BlockType("Q1_0", 128, -1, 1, 18, encode_q1_0, no_zero=True),
         BlockType("TQ1_0", QK_K, -1, 1, 54, encode_tq1_0),
         BlockType("TQ2_0", QK_K, -1, 2, 66, encode_tq2_0),
+        BlockType("Q2_0", 64, -1, 2, 18, encode_q2_0),
         BlockType("Q2_K", QK_K, -2, 1, 84, encode_q2_k),
         BlockType("Q3_K", QK_K, -4, 3, 110, encode_q3_k),
         BlockType("Q4_0", 32, -8, 7, 18, encode_q4_0),

@@ -125,7 +125,8 @@ def test_each_block_encoder_decodes_to_the_codes_with_ggufs_decoder(name):
     d = np.resize(np.array([0.01, -0.02, 3e-5, 1.5, 0.0, 6e4], dtype=np.float16), n)  # negative, tiny, zero, large
     blocks = btype.encode(k, d)
     assert blocks.shape == (n, btype.bytes_per_block)
-    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (btype.block, btype.bytes_per_block)
+    if name in gguf.GGMLQuantizationType.__members__:  # Q2_0: not in PyPI's gguf 0.19.0
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (btype.block, btype.bytes_per_block)
     decoded = decode(gguf, blocks.reshape(1, -1), name).reshape(n, -1)
     assert np.array_equal(decoded, k * d.astype(np.float32)[:, None])
 
@@ -347,3 +348,15 @@ def test_steps_that_underflow_fp16_are_refused():
     assert not lc.source_exact
     with pytest.raises(GGUFExportError, match="w .*underflow"):
         _quantized_tensor(gguf, lc, ("Q4_0",), requantize=False)
+
+
+def test_size_picks_q2_0_for_2_bit_rows_that_are_not_multiples_of_256():
+    from mec_quant_plugin.export.codes import codes_from_affine
+    from mec_quant_plugin.export.gguf import choose_type
+    from mec_quant_plugin.export.gguf_blocks import SIZE_ORDER
+
+    qdata = torch.randint(-2, 2, (8, 576), dtype=torch.int8)  # SmolLM2's hidden size: 576 = 9 x 64
+    lc = codes_from_affine("w", qdata, torch.rand(8, 1) + 0.1, torch.zeros(8, 1), (1, 576), bits=2)
+    btype, sign = choose_type(lc, SIZE_ORDER)
+    assert (btype.name, sign) == ("Q2_0", -1)  # int2 [-2, 1] mirrored into Q2_0's [-1, 2]
+    assert choose_type(lc, tuple(n for n in SIZE_ORDER if n != "Q2_0"))[0].name == "Q4_0"

@@ -122,7 +122,8 @@ class ActivationFakeQuantizer(KeepsFloat32):
 
     def _quantize(self, x: torch.Tensor, signed: bool) -> torch.Tensor:
         qmin, qmax = self.qrange
-        g = 1.0 / math.sqrt(max(x[0].numel() if x.dim() > 1 else x.numel(), 1) * max(qmax, 1))
+        per_sample = math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()  # no tensor op (x[0] was one)
+        g = 1.0 / math.sqrt(max(per_sample, 1) * max(qmax, 1))
         offset = self.offset if signed else None
         idle = None if signed else self.offset
         return LSQFakeQuantize.apply(x, positive_step(self.scale), offset, float(qmin), float(qmax), g, idle)

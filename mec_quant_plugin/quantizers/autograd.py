@@ -82,10 +82,10 @@ class BinaryFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, alpha, grad_scale: float):
-        sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
         ctx.save_for_backward(w, alpha)
         ctx.grad_scale = grad_scale
-        return sign * alpha
+        # One pass selecting +-alpha (exactly sign * alpha, without the sign tensor and the product).
+        return torch.where(w >= 0, alpha, -alpha)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -93,6 +93,5 @@ class BinaryFakeQuantize(torch.autograd.Function):
         grad_w = grad_y * (w.abs() <= alpha) if ctx.needs_input_grad[0] else None
         grad_a = None
         if ctx.needs_input_grad[1]:
-            sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-            grad_a = sum_to(grad_y * sign, alpha.shape) * ctx.grad_scale
+            grad_a = sum_to(torch.where(w >= 0, grad_y, -grad_y), alpha.shape) * ctx.grad_scale
         return grad_w, grad_a, None

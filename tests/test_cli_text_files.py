@@ -104,5 +104,6 @@ def test_eval_of_a_text_file_says_what_it_scores(tmp_path, tiny_llama_lines, cap
         assert run_cli([*argv, "--split", "train"]) == 0
         whole = last_json(capsys.readouterr().out)
         assert "split 'train'" in caplog.text
+    assert "first 4 of 40 lines" in held_out["evaluated_on"] and "split 'train'" in whole["evaluated_on"]
     assert held_out["eval_tokens"] == held_out["eval_samples"] * 7  # 7 predicted tokens per block of 8
     assert whole["eval_samples"] > held_out["eval_samples"]

@@ -307,7 +307,7 @@ def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list
     except FileNotFoundError as exc:
         parser.error(first_line(exc))
     metrics = evaluate(prepared.model, prepared.eval, prepared.collator, task, args.batch_size)
-    print(json.dumps({"model": args.model, "dataset": args.dataset, "task": task, **metrics}, indent=2))
+    print(json.dumps({"model": args.model, "dataset": args.dataset, "task": task, "evaluated_on": prepared.eval_description, **metrics}, indent=2))
     return 0
 
 

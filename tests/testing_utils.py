@@ -189,3 +189,175 @@ def check_trained_with_the_term(trainer: Trainer) -> None:
     # converted at the end of training: weights are torchao int tensors, no weight quantizers
     assert not any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None
                    for m in trainer.model.modules())
+
+
+# --- the configs x tiny-models matrix: shared test bodies (PEFT style) --------------------------
+# tests/test_matrix.py calls each `_test_*` body from a one-line parametrized test; another test
+# file may call them for its own (config, model) pairs. Each body fails on a real defect: levels
+# per channel, finite gradients of every step size, convert equal to fake-quant to tolerance, a
+# reload equal to the converted model exactly.
+
+MATRIX_CONFIGS: dict[str, MECQuantConfig] = {
+    "W1A2": MECQuantConfig(weight_bits=1, act_bits=2),
+    "W2A2-ternary": MECQuantConfig(weight_bits=2, act_bits=2, ternary=True),
+    "W4A4-group8": MECQuantConfig(weight_bits=4, act_bits=4, weight_granularity="per_group", group_size=8),
+    "W4-weight-only": MECQuantConfig(weight_bits=4, act_bits=None),
+}
+"""The bit settings of the matrix: binary, ternary, per-group and weight-only (group 8 divides the
+input channels of every body layer of the tiny models but ConvNeXt's depthwise convs)."""
+
+# The layer kinds each matrix model exercises (the matrix must cover Linear, Conv2d, Embedding, Conv1D).
+MATRIX_MODELS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("Conv1D", "Embedding", "Linear"),
+    "bert": ("Linear", "Embedding"),
+    "resnet": ("Conv2d", "Linear"),
+    "vit": ("Linear", "Conv2d"),
+    "llama": ("Linear", "Embedding"),
+    "convnext": ("Conv2d", "Linear"),
+}
+
+
+def _levels(wfq: nn.Module) -> int:
+    """How many distinct weight values one step size may produce under `wfq`'s setting."""
+    return 3 if wfq.ternary else 2**wfq.bits
+
+
+def _most_values_per_step(weight: Tensor, channel_axis: int, group_size: int | None) -> int:
+    """The largest number of distinct values among the weights that share one step size (an output
+    channel, or a group of `group_size` inputs of one)."""
+    w = weight.detach().float().movedim(channel_axis, 0)
+    if group_size is None:
+        rows = w.reshape(w.shape[0], -1)
+    else:
+        rows = w.reshape(w.shape[0], w.shape[1] // group_size, group_size, -1).reshape(-1, group_size * w[0, 0].numel())
+    steps = rows.sort(dim=1).values.diff(dim=1) != 0  # a new value starts where the sorted row steps up
+    return int(steps.sum(dim=1).max()) + 1
+
+
+def _prepared(name: str, config: MECQuantConfig) -> tuple[nn.Module, dict, dict[str, FakeQuantizedModule]]:
+    from mec_quant_plugin import prepare_model
+
+    model, batch = TINY_MODELS[name]()
+    prepare_model(model, config)
+    fq = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantizedModule)}
+    assert fq, f"{name}: prepare_model quantized no layer"
+    return model, batch, fq
+
+
+def _test_prepare_forward_backward(name: str, config: MECQuantConfig) -> None:
+    """prepare_model quantizes the body layers at `config`'s bits, the fake-quantized weights take
+    at most 2^bits (3 when ternary) values per step size, and one training step gives every step
+    size a finite gradient."""
+    model, batch, fq = _prepared(name, config)
+    body = {n: m for n, m in fq.items() if m.weight_fake_quantizer.bits == config.weight_bits}
+    assert body, f"{name}: no layer got weight_bits={config.weight_bits}"
+    for n, m in body.items():
+        wfq = m.weight_fake_quantizer
+        assert wfq.ternary == config.ternary and wfq.group_size == config.group_size, n
+        with torch.no_grad():
+            most = _most_values_per_step(wfq(m.weight), m.weight_channel_axis, wfq.group_size)
+        assert most <= _levels(wfq), f"{n}: {most} weight values per step size, at most {_levels(wfq)} allowed"
+        if not isinstance(m, nn.Embedding):
+            assert (m.activation_fake_quantizer is None) == (config.act_bits is None), n
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for n, m in fq.items():
+        for p_name, p in m.named_parameters():
+            if "fake_quantizer" in p_name:
+                assert p.grad is not None and torch.isfinite(p.grad).all(), f"{n}.{p_name}: grad {p.grad}"
+
+
+def _train_a_little(model: nn.Module, batch: dict, steps: int = 2) -> None:
+    """A few SGD steps, so the step sizes are learned ones, not their initial values."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _test_convert_matches_fake_quant(name: str, config: MECQuantConfig) -> None:
+    """After a little training, convert_model gives torchao int weights with codes in the layer's
+    range (GPT-2's Conv1D: a float weight holding at most 2^bits values per step size), the outputs
+    equal the fake-quantized model's with fp16-rounded scales (`fp16_scales`, to float tolerance),
+    no weight fake quantizer is left."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+    )
+
+    from mec_quant_plugin import convert_model
+
+    model, batch, fq = _prepared(name, config)
+    _train_a_little(model, batch)
+    model.eval()
+    spec = {n: (m.weight_channel_axis, m.weight_fake_quantizer) for n, m in fq.items()}
+    with torch.no_grad(), fp16_scales():
+        before = model(**batch).logits
+    convert_model(model)
+    with torch.no_grad():
+        after = model(**batch).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    for n, (axis, wfq) in spec.items():
+        m = model.get_submodule(n)
+        assert getattr(m, "weight_fake_quantizer", None) is None, n
+        if axis == 0:
+            assert isinstance(m.weight, IntxUnpackedToInt8Tensor), f"{n}: weight is {type(m.weight).__name__}"
+            codes = m.weight.qdata
+            assert wfq.qmin <= codes.min() and codes.max() <= wfq.qmax, f"{n}: codes outside [{wfq.qmin}, {wfq.qmax}]"
+        else:  # Conv1D: torchao has no kernel for its layout, it keeps the levels as floats
+            most = _most_values_per_step(m.weight, axis, wfq.group_size)
+            assert most <= _levels(wfq), f"{n}: {most} weight values per step size, at most {_levels(wfq)} allowed"
+
+
+def _test_save_reload_round_trip(name: str, config: MECQuantConfig, folder: str) -> None:
+    """A converted model saved with save_pretrained and reloaded with the plugin's from_pretrained
+    has the same int weights and learned activation steps, and gives exactly the converted model's
+    outputs on a batch it was not calibrated on (a quantizer that calibrates itself on the compared
+    batch would hide a lost step)."""
+    import mec_quant_plugin
+    from mec_quant_plugin import convert_model, make_saveable
+
+    model, batch, _ = _prepared(name, config)
+    model.train()
+    with torch.no_grad():
+        model(**batch)  # calibrates the activation step sizes
+    model = make_saveable(convert_model(model.eval()), config)
+    model.save_pretrained(folder)
+    reloaded = mec_quant_plugin.from_pretrained(folder)
+    _, other = TINY_MODELS[name]()  # fresh random inputs of the same shapes
+    with torch.no_grad():
+        ref, out = model(**other).logits, reloaded(**other).logits
+    assert torch.equal(out, ref), f"max |diff| {(out - ref).abs().max().item():.3g}"
+    ours, theirs = dict(model.named_modules()), dict(reloaded.named_modules())
+    ints = [n for n, m in ours.items() if hasattr(getattr(m, "weight", None), "qdata")]
+    acts = [n for n, m in ours.items() if getattr(m, "activation_fake_quantizer", None) is not None]
+    assert ints and (acts or config.act_bits is None)
+    for n in ints:
+        w, w2 = ours[n].weight, theirs[n].weight
+        assert torch.equal(w.qdata, w2.qdata) and torch.equal(w.scale, w2.scale), n
+    for n in acts:
+        state, state2 = ours[n].activation_fake_quantizer.state_dict(), theirs[n].activation_fake_quantizer.state_dict()
+        assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state), n
+
+
+def _test_trainer_two_steps(name: str, config: MECQuantConfig, out_dir: str) -> None:
+    """Two Trainer steps with the callback (weight decay on): the mec/* statistics in every
+    training log, every step size in a no-decay group while other weights decay, the loss finite,
+    and the model converted at the end (no weight fake quantizer left)."""
+    trainer, _, _ = make_trainer(name, out_dir, config, weight_decay=0.1)
+    steps = {id(p) for n, p in trainer.model.named_parameters() if "fake_quantizer" in n}
+    assert steps, f"{name}: the callback prepared no layer"
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(entry["loss"] == entry["loss"] for entry in logs)  # two finite steps
+    assert all(k in entry for entry in logs for k in ("mec/loss", "mec/coding_length", "mec/rows"))
+    groups = trainer.optimizer.param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed and steps <= no_decay and not steps & decayed
+    assert not any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None
+                   for m in trainer.model.modules())

@@ -11,7 +11,7 @@ from . import _quiet_import  # noqa: F401  (first: imports torchao without its o
 from .api import calibrate_activations, convert_model, prepare_model
 from .checkpoint import convert_checkpoint
 from .config import MECQuantConfig
-from .export import GGUFExportError, export_gguf
+from .export import GGUFExportError, ONNXExportError, export_gguf, export_onnx
 from .integrations import MECQuantCallback, MECQuantTrainerMixin, from_pretrained, make_saveable
 from .modules import is_fake_quantized, is_supported_layer
 from .objective import (
@@ -34,6 +34,7 @@ __all__ = [
     "ActivationFakeQuantizer",
     "FeatureCapture",
     "GGUFExportError",
+    "ONNXExportError",
     "MECQuantCallback",
     "MECQuantConfig",
     "MECQuantTrainerMixin",
@@ -48,6 +49,7 @@ __all__ = [
     "convert_model",
     "exact_coding_length",
     "export_gguf",
+    "export_onnx",
     "from_pretrained",
     "is_fake_quantized",
     "is_supported_layer",

@@ -14,6 +14,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from .config import MECQuantConfig
 from .convert import convert_layer, inexact_export_reason, nonfinite_message
+from .distributed import sharded_model_message, sharded_parameter_names
 from .layer_policy import find_head_layer, find_input_layers
 from .modules.base import (
     FakeQuantizedModule,
@@ -281,10 +282,14 @@ def convert_model(model: nn.Module) -> nn.Module:
 
     Raises:
         ValueError: the model holds no fake-quantized layer (nothing to convert); a weight, bias or
-            step size of one holds NaN/inf (checked for every layer before any is converted).
+            step size of one holds NaN/inf (checked for every layer before any is converted); a model
+            sharded by FSDP2 (DTensor parameters: convert the gathered full state dict instead).
     """
     if not any(is_fake_quantized(m) for m in model.modules()):
         raise ValueError("convert_model found no fake-quantized layer: call prepare_model first.")
+    sharded = sharded_parameter_names(model)
+    if sharded:
+        raise ValueError(sharded_model_message("convert_model", sharded))
     bad = [
         f"{name}.{param}" if name else param
         for name, mod in model.named_modules()

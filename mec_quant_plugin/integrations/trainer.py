@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..api import convert_model, prepare_model
 from ..checkpoint import check_same_quantization, load_checkpoint_state, write_train_config
 from ..config import MECQuantConfig
+from ..distributed import sharded_model_message, sharded_parameter_names
 from ..modules.registry import is_fake_quantized
 from ..objective import MECRegularizer, make_teacher
 from ..quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
@@ -229,8 +230,20 @@ class MECTrainingTerm:
             del model._modules["mec_gates"]
 
     def convert(self, model: nn.Module, run_info: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
-        """Detach, convert to torchao int weights and make `save_pretrained` write a torchao checkpoint."""
+        """Detach, convert to torchao int weights and make `save_pretrained` write a torchao checkpoint.
+
+        A model sharded by FSDP2 (DTensor parameters) is left unconverted, with a warning: its shards
+        cannot be converted in place; the Trainer's save gathers the float weights and step sizes,
+        which `mec-quant convert` (or `convert_model` on the reloaded full model) turns into int weights."""
         self.detach(model)
+        sharded = sharded_parameter_names(model)
+        if sharded:
+            warnings.warn(
+                f"{self.owner}: not converted at the end of training. "
+                + sharded_model_message("Converting", sharded),
+                stacklevel=2,
+            )
+            return
         convert_model(model)
         info = dict(run_info)
         info.setdefault("base_model", getattr(getattr(model, "config", None), "_name_or_path", None) or None)

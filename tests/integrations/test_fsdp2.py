@@ -152,3 +152,59 @@ def test_fsdp2_two_processes_equal_one_process_on_the_concatenated_batch(tmp_pat
     for name, codes in a["codes"].items():
         assert torch.equal(codes, b["codes"][name]), name
     torch.testing.assert_close(b["logits"], a["logits"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group, so `fully_shard` turns parameters into DTensors in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_tiny_llama():
+    from testing_utils import tiny_llama
+    from torch.distributed.fsdp import fully_shard
+
+    from mec_quant_plugin import MECQuantConfig, prepare_model
+
+    model, batch = tiny_llama()
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=None), progress=False)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model, batch
+
+
+@pytest.mark.distributed
+def test_convert_model_refuses_a_sharded_model_naming_the_way_out(one_rank_group):
+    """convert_model on FSDP2's DTensor shards used to build torchao tensors around the shards: the
+    'converted' model failed in its first forward (aten.index got mixed Tensor and DTensor)."""
+    from mec_quant_plugin import convert_model
+
+    model, _ = _sharded_tiny_llama()
+    with pytest.raises(ValueError, match=r"sharded.*full_state_dict"):
+        convert_model(model)
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"  # left as it was
+
+
+@pytest.mark.distributed
+def test_callback_leaves_a_sharded_model_unconverted_at_train_end(one_rank_group):
+    """Under FSDP2 the callback's end-of-training conversion cannot convert shards in place: it warns
+    and leaves the float weights and step sizes for the Trainer's (gathering) save."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from mec_quant_plugin import MECQuantCallback, MECQuantConfig
+
+    model, batch = _sharded_tiny_llama()
+    cb = MECQuantCallback(MECQuantConfig(weight_bits=2, act_bits=None))
+    cb.attach(model)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    with pytest.warns(UserWarning, match="sharded"):
+        cb.on_train_end(args, TrainerState(), TrainerControl(), model=model)
+    assert model.model.layers[0].self_attn.q_proj.weight_fake_quantizer is not None
+    assert not cb.term.converted

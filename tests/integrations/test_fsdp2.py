@@ -208,3 +208,15 @@ def test_callback_leaves_a_sharded_model_unconverted_at_train_end(one_rank_group
         cb.on_train_end(args, TrainerState(), TrainerControl(), model=model)
     assert model.model.layers[0].self_attn.q_proj.weight_fake_quantizer is not None
     assert not cb.term.converted
+
+
+def test_example_accelerate_config_is_fsdp2():
+    """examples/accelerate_fsdp2.yaml loads as accelerate's own config: FSDP, version 2, per-block units."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    config = ClusterConfig.from_yaml_file(str(HERE.parent / "examples" / "accelerate_fsdp2.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and not config.use_cpu
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"

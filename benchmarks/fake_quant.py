@@ -23,10 +23,15 @@
    gives the step's peak of allocated tensor memory above what was live before it
    ("transient": activations, saved tensors, gradients, temporaries). "total" adds the tensors
    live across steps (parameters, buffers, optimizer state). Python/library RSS is excluded.
+   The same two models, FP and QAT W2A2, are also run under `torch.compile` (inductor by
+   default): compiled after a 3-step warm-up (calibration, one recompile, steady state), then
+   timed in the same round-robin as the eager ones, so the eager and compiled QAT/FP ratios
+   are measured side by side ("QAT/FP compiled" = both sides compiled).
 
-Run: `python benchmarks/fake_quant.py` (about 2-4 minutes on 2 cores); writes
-benchmarks/results/fake_quant.json. `--quick` uses fewer repeats; `--threads N` overrides the
-thread count (default: the cores this process may use).
+Run: `python benchmarks/fake_quant.py --threads 1` (the compiled rows add a few minutes of
+inductor compilation on 2 cores); writes benchmarks/results/fake_quant.json. `--quick` uses
+fewer repeats; `--threads N` overrides the thread count (default: the cores this process may
+use); `--compile-backend none` skips the compiled rows; `--skip-layers` times only the steps.
 """
 
 from __future__ import annotations
@@ -278,9 +283,30 @@ def step_peak_bytes(model, opt, loss_fn) -> int:
 
 
 PROTO = "QAT+rec"
+FP_C, QAT_C = "FP compiled", "QAT W2A2 compiled"
+COMPILE_WARM_UP = 3  # step 1 calibrates the activation steps eagerly, step 2 recompiles once, 3 is steady
 
 
-def bench_training(repeats: int) -> list[dict]:
+def compiled_setups(make, backend: str) -> tuple[dict, dict]:
+    """FP and QAT W2A2 models under torch.compile(backend), warmed up until nothing recompiles;
+    returns their (model, optimizer) pairs and the seconds the warm-up (compilation) took."""
+    setups, compile_s = {}, {}
+    for label, quantize in ((FP_C, False), (QAT_C, True)):
+        model, loss_fn = make(0)
+        if quantize:
+            prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        compiled = torch.compile(model, backend=backend)
+        t0 = time.perf_counter()
+        for _ in range(COMPILE_WARM_UP):
+            train_step(compiled, opt, loss_fn)
+        compile_s[label] = time.perf_counter() - t0
+        setups[label] = (compiled, opt)
+    return setups, compile_s
+
+
+def bench_training(repeats: int, compile_backend: str | None = "inductor") -> list[dict]:
     rows = []
     for name, make in [("small CNN (4 conv, 28x28x1, batch 128)", make_cnn),
                        ("small Llama (h256, 4 layers, seq 128, batch 8)", make_llama)]:
@@ -297,6 +323,10 @@ def bench_training(repeats: int) -> list[dict]:
             for _ in range(2):  # warm-up: activation step init, optimizer state
                 train_step(model, opt, loss_fn)
             setups[label] = (model, opt)
+        compile_s: dict[str, float] = {}
+        if compile_backend:  # timed round-robin with the eager ones: the same noise hits all
+            more, compile_s = compiled_setups(make, compile_backend)
+            setups.update(more)
         times: dict[str, list[float]] = {label: [] for label in setups}
         for _ in range(repeats):
             for label, (model, opt) in setups.items():
@@ -314,7 +344,21 @@ def bench_training(repeats: int) -> list[dict]:
                 "persistent_MiB": persistent / 2**20,
                 "total_peak_MiB": (transient + persistent) / 2**20,
             }
+            if label in compile_s:
+                result[label]["compile_warm_up_s"] = compile_s[label]
         fp, q, pr = result["FP"], result["QAT W2A2"], result[PROTO]
+        compiled = {}
+        if compile_backend:
+            fpc, qc = result[FP_C], result[QAT_C]
+            compiled = {"compiled_ratios": {
+                "backend": compile_backend,
+                "time": qc["ms"] / fpc["ms"],
+                "qat_compiled_vs_fp_eager": qc["ms"] / fp["ms"],
+                "qat_speedup_from_compile": q["ms"] / qc["ms"],
+                "fp_speedup_from_compile": fp["ms"] / fpc["ms"],
+                "transient_mem": qc["transient_peak_MiB"] / fpc["transient_peak_MiB"],
+                "total_mem": qc["total_peak_MiB"] / fpc["total_peak_MiB"],
+            }}
         rows.append({
             "model": name,
             **{f"{lbl}": v for lbl, v in result.items()},
@@ -326,6 +370,7 @@ def bench_training(repeats: int) -> list[dict]:
                 "transient_mem": pr["transient_peak_MiB"] / fp["transient_peak_MiB"],
                 "total_mem": pr["total_peak_MiB"] / fp["total_peak_MiB"],
             },
+            **compiled,
         })
     return rows
 
@@ -339,14 +384,22 @@ def print_tables(layer_rows: list[dict], train_rows: list[dict]) -> None:
         print(f"{r['layer']:32s} {r['variant']:38s} {r['ms']:8.1f} {r['vs_float']:8.2f}  {vs}")
     print("\nTraining step (median ms) and peak CPU tensor memory (MiB; transient = during the step,"
           " total = + params/buffers/optimizer state)")
-    print(f"{'model':48s} {'config':9s} {'ms':>8s} {'transient':>10s} {'total':>8s}")
+    print(f"{'model':48s} {'config':17s} {'ms':>8s} {'transient':>10s} {'total':>8s}")
     for r in train_rows:
-        for label in ("FP", "QAT W2A2", PROTO):
+        for label in ("FP", "QAT W2A2", PROTO, FP_C, QAT_C):
+            if label not in r:
+                continue
             d = r[label]
-            print(f"{r['model']:48s} {label:9s} {d['ms']:8.1f} {d['transient_peak_MiB']:10.1f} {d['total_peak_MiB']:8.1f}")
-        print(f"{'':48s} {'QAT/FP':9s} {r['time_ratio']:8.2f} {r['transient_mem_ratio']:10.2f} {r['total_mem_ratio']:8.2f}")
+            print(f"{r['model']:48s} {label:17s} {d['ms']:8.1f} {d['transient_peak_MiB']:10.1f} {d['total_peak_MiB']:8.1f}"
+                  + (f"  (compile warm-up {d['compile_warm_up_s']:.0f} s)" if "compile_warm_up_s" in d else ""))
+        print(f"{'':48s} {'QAT/FP':17s} {r['time_ratio']:8.2f} {r['transient_mem_ratio']:10.2f} {r['total_mem_ratio']:8.2f}")
         p = r["prototype_ratios"]
-        print(f"{'':48s} {'proto/FP':9s} {p['time']:8.2f} {p['transient_mem']:10.2f} {p['total_mem']:8.2f}")
+        print(f"{'':48s} {'proto/FP':17s} {p['time']:8.2f} {p['transient_mem']:10.2f} {p['total_mem']:8.2f}")
+        if "compiled_ratios" in r:
+            c = r["compiled_ratios"]
+            print(f"{'':48s} {'QAT/FP compiled':17s} {c['time']:8.2f} {c['transient_mem']:10.2f} {c['total_mem']:8.2f}")
+            print(f"{'':48s} speed-up from compile: QAT {c['qat_speedup_from_compile']:.2f}x, "
+                  f"FP {c['fp_speedup_from_compile']:.2f}x; QAT compiled / FP eager {c['qat_compiled_vs_fp_eager']:.2f}")
     print(f"({PROTO} = QAT W2A2 + the benchmark's first prototype of recomputing quantized operands in"
           " backward; since commit 7f4c8b0 the package does this itself (modules/recompute.py), so"
           " QAT W2A2 already includes it and the prototype adds nothing)")
@@ -360,6 +413,9 @@ def check_targets(layer_rows: list[dict], train_rows: list[dict]) -> dict:
                 targets[f"Linear {r['variant']} / {k} <= 1.0"] = {"ratio": v, "met": v <= 1.0}
     for r in train_rows:
         targets[f"{r['model']}: QAT/FP step time <= 1.3"] = {"ratio": r["time_ratio"], "met": r["time_ratio"] <= 1.3}
+        if "compiled_ratios" in r:
+            c = r["compiled_ratios"]["time"]
+            targets[f"{r['model']}: QAT/FP step time, both compiled, <= 1.3"] = {"ratio": c, "met": c <= 1.3}
         targets[f"{r['model']}: QAT/FP total peak memory <= 1.25"] = {
             "ratio": r["total_mem_ratio"], "met": r["total_mem_ratio"] <= 1.25}
         targets[f"{r['model']}: QAT/FP transient peak memory <= 1.25 (stricter view)"] = {
@@ -375,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the compiled FP/QAT training steps ('none': skip them)")
+    ap.add_argument("--skip-layers", action="store_true", help="only the training steps (no layer micro-benchmark)")
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or cores
@@ -384,14 +443,16 @@ def main(argv: list[str] | None = None) -> None:
           f"load avg: {info['load_average']}")
     print(f"torch {info['torch']}, torchao {info['torchao']}, transformers {info['transformers']}")
     start = time.perf_counter()
-    layer_rows = bench_layers(repeats=3 if args.quick else 9)
-    train_rows = bench_training(repeats=3 if args.quick else 8)
+    layer_rows = [] if args.skip_layers else bench_layers(repeats=3 if args.quick else 9)
+    backend = None if args.compile_backend == "none" else args.compile_backend
+    train_rows = bench_training(repeats=3 if args.quick else 8, compile_backend=backend)
     seconds = time.perf_counter() - start
     print_tables(layer_rows, train_rows)
     targets = check_targets(layer_rows, train_rows)
     print(f"\n{seconds:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(json.dumps({
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git_commit": commit("benchmarks/fake_quant.py"),
         "machine": info,
@@ -403,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         "training_steps": train_rows,
         "targets": targets,
     }, indent=2))
+    partial.replace(args.out)  # a crash mid-write leaves the previous results whole
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
 
 

@@ -360,3 +360,9 @@ def test_size_picks_q2_0_for_2_bit_rows_that_are_not_multiples_of_256():
     btype, sign = choose_type(lc, SIZE_ORDER)
     assert (btype.name, sign) == ("Q2_0", -1)  # int2 [-2, 1] mirrored into Q2_0's [-1, 2]
     assert choose_type(lc, tuple(n for n in SIZE_ORDER if n != "Q2_0"))[0].name == "Q4_0"
+
+
+def test_the_file_gets_the_permissions_of_any_new_file(tmp_path, tokenizer):
+    export_gguf(converted(weight_bits=4), tmp_path / "m.gguf", tokenizer=tokenizer)
+    (tmp_path / "plain").write_text("")
+    assert (tmp_path / "m.gguf").stat().st_mode == (tmp_path / "plain").stat().st_mode

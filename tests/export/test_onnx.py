@@ -191,3 +191,41 @@ def test_existing_file_and_missing_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ImportError, match=r"export-onnx"):
         export_onnx(converted(4), tmp_path / "other.onnx")
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_a_saved_folder_exports_the_same_codes(tmp_root, tmp_path):
+    from mec_quant_plugin import make_saveable
+
+    config = MECQuantConfig(weight_bits=4, act_bits=None)
+    model = convert_model(prepare_model(tiny_bert(), config, progress=False))  # same seed: the same codes
+    make_saveable(model, config)
+    model.save_pretrained(tmp_path / "folder")
+    result = export_onnx(tmp_path / "folder", tmp_path / "m.onnx")
+    _, direct = exported(tmp_root, 4, False)
+    ours, theirs = initializers(result.path), initializers(direct.path)
+    quantized = [name for name in theirs if name.endswith((".q", ".scales"))]
+    assert quantized and all(np.array_equal(ours[name], theirs[name]) for name in quantized)
+
+
+def test_activation_quantizers_are_dropped_with_a_warning(tmp_path, caplog):
+    from mec_quant_plugin.export.onnx import float_copy
+
+    model = convert_model(prepare_model(tiny_bert(), MECQuantConfig(weight_bits=4, act_bits=8), progress=False))
+    ids = torch.randint(0, 64, (2, 8))
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        model(**feed)  # calibrates the activation steps
+    with caplog.at_level("WARNING", logger="mec_quant_plugin"):
+        result = export_onnx(model, tmp_path / "m.onnx")
+    assert "activation quantizers are not exported" in caplog.text
+    assert {layer.op for layer in result.layers} == {"MatMulNBits", "GatherBlockQuantized"}
+    weights_only = float_copy(model, quantized_weights(model, skip_non_2d=True))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: feed[n].numpy() for n in result.input_names})[0]
+    with torch.no_grad():
+        want = weights_only(**{n: feed[n] for n in result.input_names}).logits.numpy()
+    assert np.abs(got - want).max() <= RELATIVE_TOLERANCE * np.abs(want).max()

@@ -177,14 +177,16 @@ def training_arguments(out_dir: str, **overrides: Any) -> TrainingArguments:
 
 
 def check_trained_with_the_term(trainer: Trainer) -> None:
-    """After `trainer.train()` with MEC-Quant: mec/* statistics in every training log, step sizes
-    never weight-decayed, and the model converted (no weight fake quantizer left)."""
+    """After `trainer.train()` with MEC-Quant (and weight decay on): mec/* statistics in every
+    training log, step sizes never weight-decayed, and the model converted (no weight fake
+    quantizer left)."""
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logs and all(k in logs[0] for k in ("mec/loss", "mec/coding_length", "mec/spectral_bound", "mec/rows"))
     groups = trainer.optimizer.param_groups
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     steps = [p for n, p in trainer.model.named_parameters() if "fake_quantizer" in n]
+    assert decayed, "no parameter is weight-decayed: train with weight_decay > 0 or this check proves nothing"
     assert steps and all(id(p) in no_decay and id(p) not in decayed for p in steps)
     # converted at the end of training: weights are torchao int tensors, no weight quantizers
     assert not any(isinstance(m, FakeQuantizedModule) and m.weight_fake_quantizer is not None

@@ -10,11 +10,14 @@ import torch
 from testing_utils import (
     MATRIX_CONFIGS,
     MATRIX_MODELS,
+    TINY_MODELS,
     _test_convert_matches_fake_quant,
     _test_prepare_forward_backward,
     _test_save_reload_round_trip,
     _test_trainer_two_steps,
 )
+
+from mec_quant_plugin import is_supported_layer
 
 # Per-group steps need the group size to divide a layer's input channels: ConvNeXt's depthwise
 # convs have one input channel per group, which prepare_model refuses (the test at the end).
@@ -57,3 +60,12 @@ def test_trainer_two_steps(name, bits, tmp_path):
 def test_refused_cases_say_what_to_do(name, bits):
     with pytest.raises(ValueError, match="does not divide.*weight_granularity='per_channel'"):
         _test_prepare_forward_backward(name, MATRIX_CONFIGS[bits])
+
+
+def test_the_models_cover_every_supported_layer_kind():
+    found = {}
+    for name in MATRIX_MODELS:
+        model, _ = TINY_MODELS[name]()
+        found[name] = {type(m).__name__ for n, m in model.named_modules() if is_supported_layer(m, n)}
+    assert found == {name: set(kinds) for name, kinds in MATRIX_MODELS.items()}
+    assert set().union(*found.values()) >= {"Linear", "Conv2d", "Embedding", "Conv1D"}

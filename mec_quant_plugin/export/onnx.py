@@ -266,13 +266,13 @@ def _rewrite(
         )
 
     written: dict[tuple[str, str], tuple[str, str]] = {}  # plan key -> (packed name, scales name)
-    layers: dict[str, ExportedLayer] = {}
+    layers: dict[tuple[str, str], ExportedLayer] = {}  # a tied weight: once as a gather, once as a matmul
     new_inits = []
     replaced: dict[int, list] = {}
     for node, name, kind in uses:
         plan_key = (name, "gather" if kind == "gather" else "matmul")
         if plan_key not in plans:
-            layers.setdefault(name, ExportedLayer(name, "float", None, None, codes[name].dequantize().numel() * 4))
+            layers.setdefault(plan_key, ExportedLayer(name, "float", None, None, codes[name].dequantize().numel() * 4))
             continue
         bits, block = plans[plan_key]
         lc = codes[name]
@@ -287,7 +287,7 @@ def _rewrite(
             ]
             written[plan_key] = (f"{base}.q", f"{base}.scales")
             op = "GatherBlockQuantized" if kind == "gather" else "MatMulNBits"
-            layers[name] = ExportedLayer(name, op, bits, block, data.nbytes + packed.scales.nbytes)
+            layers[plan_key] = ExportedLayer(name, op, bits, block, data.nbytes + packed.scales.nbytes)
         q_name, s_name = written[plan_key]
         out = node.output[0]
         if kind == "gather":

@@ -229,3 +229,23 @@ def test_activation_quantizers_are_dropped_with_a_warning(tmp_path, caplog):
     with torch.no_grad():
         want = weights_only(**{n: feed[n] for n in result.input_names}).logits.numpy()
     assert np.abs(got - want).max() <= RELATIVE_TOLERANCE * np.abs(want).max()
+
+
+def test_a_tied_embedding_is_gathered_and_multiplied(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    model = convert_model(prepare_model(BertForMaskedLM(cfg).eval(), MECQuantConfig(weight_bits=4, act_bits=None),
+                                        progress=False))
+    result = export_onnx(model, tmp_path / "mlm.onnx")
+    word = "bert.embeddings.word_embeddings.weight"
+    assert {layer.op for layer in result.layers if layer.name == word} == {"GatherBlockQuantized", "MatMulNBits"}
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 64, (2, 11))
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    got = session.run(None, {n: feed[n].numpy() for n in result.input_names})[0]
+    with torch.no_grad():
+        want = model(**{n: feed[n] for n in result.input_names}).logits.numpy()
+    assert np.abs(got - want).max() <= RELATIVE_TOLERANCE * np.abs(want).max()

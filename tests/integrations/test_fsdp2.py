@@ -14,6 +14,7 @@ from the gathered full state dict equals one process's converted model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -236,3 +237,92 @@ def test_fully_shard_accepts_activation_quantizers(one_rank_group):
     prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=4), progress=False)
     fully_shard(model)
     model(**batch).loss.backward()
+
+
+# --- the Trainer path: accelerate's own fsdp2_prepare_model, with its CPU refusal lifted ----------
+
+
+def _force_fsdp_on_cpu() -> None:
+    """Keep the FSDP plugin the Trainer passes to accelerate on CPU: accelerate 1.15's AcceleratorState
+    drops it outside its accelerator branch (and resets the type when re-initialized), so re-apply it
+    after every AcceleratorState init. Everything else (fully_shard per decoder layer and the root,
+    the gathered FULL_STATE_DICT saves, resume) is accelerate's and the Trainer's own code."""
+    import accelerate
+    import accelerate.state as state_module
+    from accelerate.utils import DistributedType
+
+    kept: dict[str, object] = {}
+    accelerator_init, state_init = accelerate.Accelerator.__init__, state_module.AcceleratorState.__init__
+
+    def apply(state) -> None:
+        if "plugin" in kept and state.distributed_type == DistributedType.MULTI_CPU:
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = kept["plugin"]
+
+    def new_accelerator_init(self, *args, fsdp_plugin=None, **kwargs):
+        if fsdp_plugin is not None:
+            kept["plugin"] = fsdp_plugin
+        accelerator_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        apply(self.state)
+
+    def new_state_init(self, *args, **kwargs):
+        state_init(self, *args, **kwargs)
+        apply(self)
+
+    accelerate.Accelerator.__init__ = new_accelerator_init
+    state_module.AcceleratorState.__init__ = new_state_init
+
+
+def _trainer_run(rank: int, world: int, port: int, out_dir: str) -> None:
+    sys.path.insert(0, str(HERE))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    _force_fsdp_on_cpu()
+    from testing_utils import make_trainer
+
+    from mec_quant_plugin import MECQuantConfig
+
+    config = MECQuantConfig(weight_bits=2, act_bits=None, mec_gather=True, mec_weight=1.0)
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    common = dict(rows=8, per_device_train_batch_size=4 // world, max_steps=2, learning_rate=1e-3,
+                  optim="adamw_torch",  # stateless SGD: torch's FSDP2 optimizer load on resume finds no device
+                  ddp_backend="gloo" if world > 1 else None, **(fsdp if world > 1 else {}))
+    results = {}
+    for run, extra in (("straight", dict(save_strategy="steps", save_steps=1)), ("resumed", {})):
+        torch.manual_seed(0)
+        trainer, cb, _ = make_trainer("llama", os.path.join(out_dir, run), config, **common, **extra)
+        cb.convert_on_train_end = world > 1  # one process would convert; sharded, it warns and does not
+        resume = os.path.join(out_dir, "straight", "checkpoint-1") if run == "resumed" else None
+        with pytest.warns(UserWarning, match="sharded") if world > 1 else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=resume)
+        full = trainer.accelerator.get_state_dict(trainer.model)  # a collective under FSDP
+        results[run] = {
+            "mec": [e["mec/loss"] for e in trainer.state.log_history if "mec/loss" in e],
+            "sharded": sorted(type(p).__name__ for p in trainer.model.parameters()),
+            "state": {k: v.detach().clone() for k, v in full.items()} if rank == 0 else {},
+        }
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "result.pt"))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_trainer_with_accelerate_fsdp2_equals_one_process_and_resumes(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    mp.spawn(_trainer_run, args=(1, _free_port(), str(one)), nprocs=1, join=True)
+    mp.spawn(_trainer_run, args=(2, _free_port(), str(two)), nprocs=2, join=True)
+    a = torch.load(one / "result.pt", weights_only=True)
+    b = torch.load(two / "result.pt", weights_only=True)
+    assert set(b["straight"]["sharded"]) == {"DTensor"} and "DTensor" not in a["straight"]["sharded"]
+    assert (two / "straight" / "checkpoint-1" / "mec_quant_train_config.json").exists()
+    for run in ("straight", "resumed"):
+        assert len(a[run]["mec"]) == len(b[run]["mec"]) and all(v != 0 and v == v for v in b[run]["mec"]), run
+        assert a[run]["mec"] == pytest.approx(b[run]["mec"], rel=1e-5), run
+        assert a[run]["state"].keys() == b[run]["state"].keys(), run
+        diffs = {k: (v.float() - b[run]["state"][k].float()).abs().max().item() for k, v in a[run]["state"].items()}
+        assert max(diffs.values()) < 1e-5, (run, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
+    # resumed from checkpoint-1, the run ends where the uninterrupted one did
+    ends = {k: (v - b["resumed"]["state"][k]).abs().max().item() for k, v in b["straight"]["state"].items()}
+    assert max(ends.values()) < 1e-6, sorted(ends.items(), key=lambda kv: -kv[1])[:3]

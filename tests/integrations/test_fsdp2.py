@@ -326,3 +326,17 @@ def test_trainer_with_accelerate_fsdp2_equals_one_process_and_resumes(tmp_path):
     # resumed from checkpoint-1, the run ends where the uninterrupted one did
     ends = {k: (v - b["resumed"]["state"][k]).abs().max().item() for k, v in b["straight"]["state"].items()}
     assert max(ends.values()) < 1e-6, sorted(ends.items(), key=lambda kv: -kv[1])[:3]
+    # the final save: FSDP2's gathered checkpoint converts to the same int model as one process's
+    from mec_quant_plugin import convert_checkpoint, from_pretrained
+
+    ids = _global_batch()["input_ids"]
+    converted = {}
+    for name, folder in (("one", one), ("two", two)):
+        model = from_pretrained(convert_checkpoint(folder / "straight" / "checkpoint-2", tmp_path / f"{name}-int"))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        codes = {n: m.weight.qdata for n, m in model.named_modules() if hasattr(getattr(m, "weight", None), "qdata")}
+        converted[name] = (logits, codes)
+    (la, ca), (lb, cb) = converted["one"], converted["two"]
+    assert ca and ca.keys() == cb.keys() and all(torch.equal(ca[n], cb[n]) for n in ca)
+    torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)

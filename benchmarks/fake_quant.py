@@ -24,7 +24,7 @@
    ("transient": activations, saved tensors, gradients, temporaries). "total" adds the tensors
    live across steps (parameters, buffers, optimizer state). Python/library RSS is excluded.
    The same two models, FP and QAT W2A2, are also run under `torch.compile` (inductor by
-   default): compiled after a 3-step warm-up (calibration, one recompile, steady state), then
+   default): one eager step (calibration), then compiled with a 2-step warm-up, then
    timed in the same round-robin as the eager ones, so the eager and compiled QAT/FP ratios
    are measured side by side ("QAT/FP compiled" = both sides compiled).
 
@@ -284,7 +284,7 @@ def step_peak_bytes(model, opt, loss_fn) -> int:
 
 PROTO = "QAT+rec"
 FP_C, QAT_C = "FP compiled", "QAT W2A2 compiled"
-COMPILE_WARM_UP = 3  # step 1 calibrates the activation steps eagerly, step 2 recompiles once, 3 is steady
+COMPILE_WARM_UP = 2  # compiled steps after the eager calibration step: compilation, then steady
 
 
 def compiled_setups(make, backend: str) -> tuple[dict, dict]:
@@ -297,6 +297,10 @@ def compiled_setups(make, backend: str) -> tuple[dict, dict]:
             prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # One eager step first (calibrates the activation steps): compiled before that, the first
+        # step's eager calibration fragments the compiled code into per-layer pieces that dynamo
+        # keeps (tests/test_compile.py, the xfail), which measured a compile speed-up of ~1.05x only.
+        train_step(model, opt, loss_fn)
         compiled = torch.compile(model, backend=backend)
         t0 = time.perf_counter()
         for _ in range(COMPILE_WARM_UP):

@@ -52,3 +52,13 @@ def test_weight_quantizer_steps_equal_the_loop_search(shape, kwargs):
     wq = WeightFakeQuantizer(w, **kwargs)
     grouped = wq._grouped(w)
     assert torch.equal(wq.scale.detach(), _loop_search(grouped, wq.qmin, wq.qmax))
+
+
+def test_search_leaves_the_thread_count_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mse_step_search(torch.randn(64, 32), -2, 1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

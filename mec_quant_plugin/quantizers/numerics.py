@@ -111,11 +111,21 @@ def mse_step_search(
     candidates = wmax * ratios / qmax  # (rows, ratios)
     best = torch.empty_like(wmax)
     step = max(1, chunk_elements // (CLIP_RATIOS * max(shape[-1], 1)))
-    for start in range(0, rows.shape[0], step):
-        wc = rows[start : start + step, None, :]  # (b, 1, n)
-        sc = candidates[start : start + step, :, None]  # (b, R, 1)
-        x = wc / sc
-        x.round_().clamp_(qmin, qmax).mul_(sc).sub_(wc)
-        err = x.square_().sum(dim=-1)  # (b, R)
-        best[start : start + step] = candidates[start : start + step].gather(1, err.argmin(dim=-1, keepdim=True))
+    threads = torch.get_num_threads()
+    if w.device.type == "cpu" and threads > 1:
+        # Thousands of 1 MiB blocks, each a few ops: splitting every op across threads costs a thread
+        # sync per op, which on a loaded CPU outweighs the work (measured: 2 threads several times
+        # slower than 1 on this project's shared 2-core machine), so the blocks run on one thread.
+        torch.set_num_threads(1)
+    try:
+        for start in range(0, rows.shape[0], step):
+            wc = rows[start : start + step, None, :]  # (b, 1, n)
+            sc = candidates[start : start + step, :, None]  # (b, R, 1)
+            x = wc / sc
+            x.round_().clamp_(qmin, qmax).mul_(sc).sub_(wc)
+            err = x.square_().sum(dim=-1)  # (b, R)
+            best[start : start + step] = candidates[start : start + step].gather(1, err.argmin(dim=-1, keepdim=True))
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     return best.reshape(*shape[:-1], 1)

@@ -60,6 +60,6 @@ def sharded_model_message(what: str, names: list[str]) -> str:
         "e.g. by FSDP2's fully_shard: converting the shards would give int tensors that hold only this rank's "
         "rows. Gather the full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
         "options=StateDictOptions(full_state_dict=True)), or the Trainer's save_model), load it into an "
-        "unsharded prepared model (prepare_model with the same config) and convert that one, or convert the "
-        "saved folder with `mec-quant convert`."
+        "unsharded prepared model (prepare_model with the same config) and convert that one, or convert a "
+        "Trainer checkpoint with `mec-quant convert --model CHECKPOINT --output-dir OUT` (convert_checkpoint)."
     )

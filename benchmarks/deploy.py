@@ -14,6 +14,11 @@ Torch FP and torch converted decode ms/token are measured beside it.
     CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install llama-cpp-python       # builds llama.cpp (no wheel)
     python benchmarks/deploy.py gguf --bits W2 W4 --threads 1
 
+(Here the sdist build of llama-cpp-python did not finish in 35 min on the 2 shared cores; the
+recorded runs used the libllama/libggml it had built by then, with the sdist's `llama_cpp` Python
+package on PYTHONPATH and its `lib/` holding those libraries. PyPI's gguf 0.19.0 cannot write
+Q2_0; deploy_gguf_q2_0.json was measured with llama.cpp's own gguf-py from the same sdist.)
+
 Writes benchmarks/results/deploy_gguf.json (command, commit, machine, one entry per bits x prefer).
 
 `blocks`: every block encoder of `export_gguf` decoded by llama.cpp's own C reference decoders

@@ -139,11 +139,26 @@ class ConvertArguments:
 
     _argument_group_name = "conversion"
 
-    model: str = field(metadata={"help": "A checkpoint folder written during MEC-Quant training (prepared, not converted)."})
-    output_dir: str = field(metadata={"help": "Where to save the converted (torchao int weights) model."})
+    model: str = field(metadata={"help": "A checkpoint folder written during MEC-Quant training (prepared, not converted), "
+                                         "or, with --format gguf|onnx, a saved (converted) MEC-Quant model folder."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where to save the converted (torchao int weights) model and its exported file (needed for a "
+                          "checkpoint); for a converted --model: where the exported file goes (default: beside it)."},
+    )
     config: str | None = field(
         default=None,
         metadata={"help": f"MECQuantConfig JSON of the run (default: {TRAIN_CONFIG_FILE} in the checkpoint or its parent)."},
+    )
+    format: Literal["torchao", "gguf", "onnx"] = field(
+        default="torchao",
+        metadata={"help": "torchao: the converted model only; gguf: also model.gguf for llama.cpp (Llama family, BERT; "
+                          "extra mec-quant-plugin[export]); onnx: also model.onnx for ONNX Runtime (BERT family, ViT; "
+                          "extra mec-quant-plugin[export-onnx]). Written from the trained codes, exactly."},
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Then upload the converted model with its exported files and model card to this Hub repo."},
     )
 
 
@@ -217,8 +232,12 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         ),
         "convert": sub.add_parser(
             "convert", help="convert a mid-training checkpoint to a saved quantized model", formatter_class=fmt,
+            usage="mec-quant convert --model FOLDER [--output-dir DIR] [--format {torchao,gguf,onnx}] "
+            "[--push-to-hub REPO] [options]",
             description="Convert a checkpoint saved during MEC-Quant training (prepared, not converted) into a "
-            "quantized model loadable with mec_quant_plugin.from_pretrained.",
+            "quantized model loadable with mec_quant_plugin.from_pretrained; with --format gguf|onnx also export it "
+            "(or an already converted model folder) to model.gguf (llama.cpp) / model.onnx (ONNX Runtime) from the "
+            "trained codes, listed in mec_quant_exports.json and the model card; --push-to-hub uploads them all.",
         ),
     }
     return top, parsers

@@ -314,12 +314,41 @@ def cmd_eval(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list
 def cmd_convert(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from ..integrations.hub import MEC_CONFIG_FILE
+    from .exports import check_supported, export_to, push_folder
+
     args = dataclass_from(ns, ConvertArguments)
-    if not Path(args.model).is_dir():
+    model = Path(args.model)
+    if not model.is_dir():
         parser.error(f"checkpoint folder {args.model!r} not found.")
+    converted = (model / MEC_CONFIG_FILE).is_file()
+    if converted and args.format == "torchao":
+        parser.error(f"{args.model!r} is already converted (it has {MEC_CONFIG_FILE}): give --format gguf or "
+                     "--format onnx to export it, or load it with mec_quant_plugin.from_pretrained.")
+    if not converted and args.output_dir is None:
+        parser.error("--output-dir is required to convert a training checkpoint (where the converted model goes).")
+    folder = model if converted else Path(args.output_dir)
+    out_dir = Path(args.output_dir) if args.output_dir is not None else folder
+    if args.push_to_hub and out_dir.resolve() != folder.resolve():
+        parser.error(f"--push-to-hub uploads the exported file beside the model {str(folder)!r}: omit --output-dir "
+                     "(the file then goes into the model folder).")
     try:
-        out = convert_checkpoint(args.model, args.output_dir, args.config)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
-    print(f"converted {args.model} -> {out}")
+        if args.format != "torchao":
+            check_supported(model, args.format, out_dir)  # before a (slow) conversion whose export would be refused
+        if not converted:
+            convert_checkpoint(args.model, folder, args.config)
+            print(f"converted {args.model} -> {folder}")
+        if args.format != "torchao":
+            exported, summary = export_to(folder, args.format, out_dir)
+            print(f"exported {folder} -> {exported}\n{summary}")
+    except (FileNotFoundError, ValueError, CLIError) as exc:
+        parser.error(first_line(exc) if isinstance(exc, CLIError) else str(exc))
+    if args.push_to_hub:
+        try:
+            pushed = push_folder(folder, args.push_to_hub)
+        except Exception as exc:  # network, auth, permissions: the local files stay as written
+            print(f"mec-quant convert: error: the model is saved in {folder}, but pushing it to "
+                  f"{args.push_to_hub!r} failed: {first_line(exc)}", file=sys.stderr)
+            return 1
+        print(f"pushed {', '.join(pushed)} to https://huggingface.co/{args.push_to_hub}")
     return 0

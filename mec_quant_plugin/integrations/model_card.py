@@ -27,6 +27,9 @@ SECTION_START = "<!-- mec-quant-plugin: start (written by mec_quant_plugin; rege
 SECTION_END = "<!-- mec-quant-plugin: end -->"
 TAGS = ("mec-quant", "torchao", "qat")
 _PACKAGE = "mec-quant-plugin"
+# Deployment files exported beside the saved model (`mec-quant convert --format gguf|onnx`), listed in the card.
+EXPORTS_FILE = "mec_quant_exports.json"
+EXPORTS_HEADING = "### Exported files (deployment)"
 
 
 def project_url() -> str | None:
@@ -142,6 +145,65 @@ def quantization_section(model: nn.Module, config: MECQuantConfig, run_info: dic
     return "\n".join(lines)
 
 
+def _exports_lines(folder: Path) -> list[str]:
+    """The card's listing of the files in `folder/mec_quant_exports.json` that exist: file, format,
+    size and how to run each (empty when there are none)."""
+    try:
+        entries = json.loads((folder / EXPORTS_FILE).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    entries = [e for e in entries if isinstance(e, dict) and (folder / str(e.get("file", ""))).is_file()]
+    if not entries:
+        return []
+    lines = [EXPORTS_HEADING, "", "| file | format | size | runs with |", "|---|---|---|---|"]
+    for e in entries:
+        runner = "llama.cpp" if e.get("format") == "gguf" else "ONNX Runtime"
+        size = (folder / e["file"]).stat().st_size
+        lines.append(f"| `{_cell(e['file'])}` | {_cell(e.get('format'))} | {size / 1e6:.2f} MB | {runner} |")
+    lines += ["", "Written from the trained integer codes (no re-quantization). Runtimes execute the weights with",
+              "their own 8-bit or float activations, not the trained low-bit activation quantizers.", ""]
+    for e in entries:
+        name = str(e["file"])
+        if e.get("format") == "gguf":
+            tool = "llama-embedding" if e.get("runner") == "llama-embedding" else "llama-cli"
+            lines += [f"`{_inline(name)}` with llama.cpp:", "",
+                      *_fenced("sh", f'{tool} -m {name} -p "Once upon a time"'), ""]
+        elif e.get("format") == "onnx":
+            inputs = [str(i) for i in e.get("inputs") or ["input_ids", "attention_mask"]]
+            feeds = ", ".join(f"{json.dumps(i)}: {i}" for i in inputs)
+            lut = ('so.add_session_config_entry("mlas.use_lut_gemm", "1")  # fast 2-bit kernel; it quantizes the '
+                   "activations (omit it for outputs equal to torch's)\n") if 2 in (e.get("bits") or []) else ""
+            code = ("import onnxruntime\nso = onnxruntime.SessionOptions()\n" + lut
+                    + f"session = onnxruntime.InferenceSession({_python_str(name)}, so, "
+                    + 'providers=["CPUExecutionProvider"])\n'
+                    + f"output = session.run(None, {{{feeds}}})[0]  # numpy arrays: int64 ids / float32 pixels")
+            lines += [f"`{_inline(name)}` with ONNX Runtime:", "", *_fenced("python", code), ""]
+    return lines
+
+
+def _with_exports(section: str, folder: Path) -> str:
+    """`section` with its exported-files listing (replaced, or inserted before `SECTION_END`)."""
+    head = section.partition(EXPORTS_HEADING)[0] if EXPORTS_HEADING in section else section.partition(SECTION_END)[0]
+    listing = _exports_lines(folder)
+    return head.rstrip("\n") + "\n\n" + ("\n".join(listing) + "\n" if listing else "") + SECTION_END
+
+
+def refresh_exports_listing(folder: str | os.PathLike) -> None:
+    """Rewrite the exported-files listing in the plugin's section of `folder/README.md` from
+    `folder/mec_quant_exports.json`, keeping the rest of the card; a card without the plugin's
+    section gets none added (nothing to attach it to)."""
+    folder = Path(folder)
+    path = folder / "README.md"
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    if SECTION_START not in text or SECTION_END not in text:
+        return
+    before, _, rest = text.partition(SECTION_START)
+    section, _, after = rest.partition(SECTION_END)
+    _write_atomically(path, before + _with_exports(SECTION_START + section + SECTION_END, folder) + after)
+
+
 def _card_data(run_info: dict[str, Any], existing: dict[str, Any] | None = None) -> Any:
     """The YAML header's data: `existing` (another writer's header) kept, our tags added, and
     base model / task / dataset filled in where it names none."""
@@ -176,7 +238,7 @@ def write_model_card(model: nn.Module, config: MECQuantConfig, run_info: dict[st
     section; `name` (default: the folder's) titles it and stands for the repo id in the examples."""
     name = name or folder.name or "model"
     title = f"# {_inline(name)}"
-    body = f"{title}\n\n{quantization_section(model, config, run_info, name)}"
+    body = f"{title}\n\n{_with_exports(quantization_section(model, config, run_info, name), folder)}"
     _write_atomically(folder / "README.md", _card_text(_card_data(run_info), body))
 
 
@@ -197,7 +259,8 @@ def update_model_card(model: nn.Module, readme: str | os.PathLike) -> None:
     if path.is_file():
         card = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=True)
         body, existing = card.text, card.data.to_dict()
-    section = quantization_section(model, config, run_info, run_info.get("repo_id") or path.parent.name)
+    section = _with_exports(quantization_section(model, config, run_info, run_info.get("repo_id") or path.parent.name),
+                            path.parent)
     if SECTION_START in body and SECTION_END in body:
         head, _, rest = body.partition(SECTION_START)
         body = head + section + rest.partition(SECTION_END)[2]

@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml benchmarks/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,export]" -r benchmarks/requirements.txt
+	$(PY) -m pip install --quiet -e ".[dev,export,export-onnx]" -r benchmarks/requirements.txt
 	touch $@
 
 install: $(VENV)/.installed

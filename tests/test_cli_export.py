@@ -113,7 +113,13 @@ def test_a_converted_folder_exports_onnx_that_runs_like_the_torch_model(tmp_path
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= test_onnx.RELATIVE_TOLERANCE * np.abs(want).max()
 
-    # a second format adds to the listing; an existing file is never overwritten
+    # the card regenerated from the model (as after Trainer.create_model_card) keeps the listing
+    from mec_quant_plugin.integrations.model_card import update_model_card
+
+    update_model_card(model, folder / "README.md")
+    assert card_section(folder).count("`model.onnx` with ONNX Runtime") == 1
+
+    # an existing file is never overwritten
     monkeypatch.chdir(tmp_path)
     (folder / "model.onnx").write_bytes(b"mine")
     one_line_error(["convert", "--model", folder, "--format", "onnx"], capsys, "model.onnx exists")

@@ -152,13 +152,14 @@ class ConvertArguments:
     )
     format: Literal["torchao", "gguf", "onnx"] = field(
         default="torchao",
-        metadata={"help": "torchao: the converted model only; gguf: also model.gguf for llama.cpp (Llama family, BERT; "
+        metadata={"metavar": "{torchao,gguf,onnx}", "help": "torchao: the converted model only; gguf: also model.gguf for llama.cpp (Llama family, BERT; "
                           "extra mec-quant-plugin[export]); onnx: also model.onnx for ONNX Runtime (BERT family, ViT; "
                           "extra mec-quant-plugin[export-onnx]). Written from the trained codes, exactly."},
     )
     push_to_hub: str | None = field(
         default=None,
-        metadata={"help": "Then upload the converted model with its exported files and model card to this Hub repo."},
+        metadata={"metavar": "REPO",
+                  "help": "Then upload the converted model with its exported files and model card to this Hub repo."},
     )
 
 

@@ -137,6 +137,30 @@ def test_a_save_over_a_save_keeps_other_files_and_drops_stale_ones(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_a_save_over_a_save_drops_the_exports_of_the_old_weights(tmp_path, caplog):
+    """model.gguf / model.onnx written by `mec-quant convert --format` belong to the weights they were
+    exported from: a save of other weights over the folder must not leave them (they would be
+    listed nowhere, yet pushed and run as this model)."""
+    import json
+    import logging
+
+    old, _ = _saveable_llama(0)
+    new, _ = _saveable_llama(1)
+    out = tmp_path / "model"
+    old.save_pretrained(out)
+    (out / "model.gguf").write_bytes(b"GGUF of the old weights")
+    (out / "mec_quant_exports.json").write_text(json.dumps({"format_version": 1, "files": [
+        {"file": "model.gguf", "format": "gguf", "bytes": 23}]}))
+    (out / "notes.txt").write_text("kept")
+    with caplog.at_level(logging.WARNING, logger="mec_quant_plugin"):
+        new.save_pretrained(out)
+    names = {p.name for p in out.iterdir()}
+    assert "model.gguf" not in names and "mec_quant_exports.json" not in names
+    assert "notes.txt" in names
+    assert "model.gguf" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_plugin_files_of_other_weights_are_refused(tmp_path):
     import shutil
 

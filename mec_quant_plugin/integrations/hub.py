@@ -57,7 +57,7 @@ from ..modules.base import LEVELS_ATTR, FakeQuantizedModule
 from ..modules.registry import fake_quantized_class_for
 from ..quantized_embedding import use_gathering_embeddings
 from ..quantizers import ActivationFakeQuantizer
-from .model_card import update_model_card, write_model_card
+from .model_card import EXPORTS_FILE, update_model_card, write_model_card
 from .transformers_internals import (
     attach_torchao_quantizer,
     before_hub_upload,
@@ -191,6 +191,20 @@ def _is_model_file(name: str) -> bool:
         name.startswith("model") and name.endswith(".safetensors"))
 
 
+def _exported_files(folder: Path) -> set[str]:
+    """The files `mec-quant convert --format` exported from this folder's weights (listed in
+    mec_quant_exports.json), with that record: they belong to the weights, not to the folder."""
+    record = folder / EXPORTS_FILE
+    if not record.is_file():
+        return set()
+    try:
+        entries = json.loads(record.read_text()).get("files", [])
+        names = {Path(str(e["file"])).name for e in entries if isinstance(e, dict) and "file" in e}
+    except (json.JSONDecodeError, AttributeError):
+        names = set()
+    return {EXPORTS_FILE} | {n for n in names if (folder / n).is_file()}
+
+
 def _non_finite(model: nn.Module) -> list[str]:
     """Names of state-dict entries holding NaN/inf (the inner tensors of torchao tensors included)."""
     bad = []
@@ -270,8 +284,12 @@ def save_atomically(model: nn.Module, write_weights: Callable[[str | os.PathLike
     old = target.parent / f".{target.name}.mec-replaced-{uuid.uuid4().hex[:8]}"
     os.replace(target, old)
     os.replace(tmp, target)  # between these two renames the complete old folder is `old`
+    stale = _exported_files(old)
+    if stale:
+        logger.warning("%s: dropped %s, exported from the weights this save replaces; export the new weights again "
+                       "(mec-quant convert --format ...).", target, ", ".join(sorted(stale - {EXPORTS_FILE})))
     for item in old.iterdir():
-        if not _is_model_file(item.name) and not (target / item.name).exists():
+        if not _is_model_file(item.name) and item.name not in stale and not (target / item.name).exists():
             os.replace(item, target / item.name)
     shutil.rmtree(old, ignore_errors=True)
     return result

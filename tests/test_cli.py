@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,14 @@ def test_default_job_calls_run_default(monkeypatch, tmp_path):
     assert calls["output_dir"] == str(tmp_path / "demo") and calls["weight_bits"] == 2 and calls["act_bits"] == 2
 
 
+def assert_is_a_count(metrics: dict) -> None:
+    """The accuracy is (correct rows) / (evaluated rows): a whole number of rows of `eval_samples`
+    (the printed metric is rounded to 6 decimals)."""
+    n = metrics["eval_samples"]
+    correct = metrics["eval_accuracy"] * n
+    assert n > 0 and correct == pytest.approx(round(correct), abs=n * 1e-6), metrics
+
+
 # ---- tiny end-to-end runs ---------------------------------------------------------------------
 
 
@@ -216,13 +225,16 @@ def test_train_eval_convert_causal_lm(tmp_path, tiny_llama_dir, capsys):
                     "--max-steps", "2", "--save-steps", "1", "--per-device-train-batch-size", "4",
                     "--learning-rate", "1e-3", "--lr_scheduler_type", "constant", "--output-dir", out]) == 0
     printed = last_json(capsys.readouterr().out)
-    assert printed["eval_perplexity"] > 1
+    assert printed["eval_perplexity"] == pytest.approx(math.exp(printed["eval_loss"]), rel=1e-6)
     assert {"config.json", "model.safetensors", "mec_quant_config.json", "tokenizer.json",
             "eval_results.json"} <= {p.name for p in out.iterdir()}
     meta = json.loads((out / "mec_quant_config.json").read_text())["mec_quant_config"]
     assert (meta["weight_bits"], meta["act_bits"]) == (2, 4)
     assert (out / "checkpoint-1" / "mec_quant_train_config.json").is_file()
-    assert from_pretrained(str(out)) is not None
+    from mec_quant_plugin import quantization_report
+
+    report = quantization_report(from_pretrained(str(out)))
+    assert "W2A4:" in report and "int2 codes" in report, report  # the body reloads as int2 weights, 4-bit inputs
 
     assert run_cli(["eval", "--model", out, "--dataset", data, "--block-size", "16"]) == 0  # task inferred
     evaluated = last_json(capsys.readouterr().out)
@@ -235,7 +247,12 @@ def test_train_eval_convert_causal_lm(tmp_path, tiny_llama_dir, capsys):
     assert (converted / "mec_quant_config.json").is_file() and (converted / "tokenizer.json").is_file()
     capsys.readouterr()
     assert run_cli(["eval", "--model", converted, "--dataset", data, "--task", "causal-lm", "--block-size", "16"]) == 0
-    assert last_json(capsys.readouterr().out)["eval_perplexity"] > 1
+    converted_ppl = last_json(capsys.readouterr().out)["eval_perplexity"]
+    # eval of the training checkpoint itself scores its quantized model: the same number
+    assert run_cli(["eval", "--model", out / "checkpoint-1", "--dataset", data, "--task", "causal-lm",
+                    "--block-size", "16"]) == 0
+    assert last_json(capsys.readouterr().out)["eval_perplexity"] == pytest.approx(converted_ppl, rel=1e-4)
+    assert converted_ppl != pytest.approx(printed["eval_perplexity"], rel=1e-6)  # checkpoint-1 is not the final model
     expect_usage_error(["convert", "--model", out, "--output-dir", tmp_path / "again"], capsys, "already converted")
 
 
@@ -246,7 +263,7 @@ def test_train_and_eval_text_classification_with_string_labels(tmp_path, tiny_be
                     "--weight-bits", "4", "--act-bits", "8", "--max-steps", "2", "--max-length", "32",
                     "--output-dir", out]) == 0
     printed = last_json(capsys.readouterr().out)
-    assert 0.0 <= printed["eval_accuracy"] <= 1.0
+    assert_is_a_count(printed)
     cfg = json.loads((out / "config.json").read_text())
     assert sorted(cfg["id2label"].values()) == ["mixed", "neg", "pos"]
     assert run_cli(["eval", "--model", out, "--dataset", data, "--task", "text-classification"]) == 0
@@ -261,7 +278,7 @@ def test_train_with_distillation_and_the_v2_terms(tmp_path, tiny_bert_dir, capsy
                     "--distill-weight", "1", "--distill-temperature", "2", "--mec-layer-weight", "0.1",
                     "--mec-label-weight", "0.1", "--logging-steps", "1", "--output-dir", out]) == 0
     printed = capsys.readouterr().out
-    assert 0.0 <= last_json(printed)["eval_accuracy"] <= 1.0
+    assert_is_a_count(last_json(printed))
     for key in ("mec/distill/loss", "mec/layer/loss", "mec/label/loss", "mec/total"):
         assert f"'{key}'" in printed, key  # the Trainer's training logs
     saved = json.loads((out / "mec_quant_train_config.json").read_text())
@@ -275,7 +292,8 @@ def test_train_and_eval_image_classification_on_fashion_mnist(tmp_path, tiny_vit
                     "--max-eval-samples", "32", "--max-steps", "2", "--per-device-train-batch-size", "16",
                     "--output-dir", out]) == 0
     printed = last_json(capsys.readouterr().out)
-    assert printed["eval_samples"] == 32 and 0.0 <= printed["eval_accuracy"] <= 1.0
+    assert printed["eval_samples"] == 32
+    assert_is_a_count(printed)
     assert json.loads((out / "config.json").read_text())["id2label"]["0"] == "T-shirt/top"
     assert run_cli(["eval", "--model", out, "--dataset", "fashion_mnist", "--max-eval-samples", "32"]) == 0
     assert last_json(capsys.readouterr().out)["eval_accuracy"] == pytest.approx(printed["eval_accuracy"])

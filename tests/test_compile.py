@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from testing_utils import check_trained_with_the_term, make_trainer
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -24,7 +25,6 @@ from transformers import TrainerCallback
 
 from mec_quant_plugin import MECQuantConfig, prepare_model
 from mec_quant_plugin.quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
-from testing_utils import check_trained_with_the_term, make_trainer
 
 WARM_UP = 2  # step 1: eager calibration (one break per activation quantizer); step 2: one recompile
 
@@ -128,11 +128,11 @@ def _run_side_by_side(eager: nn.Module, compiled: nn.Module, backend: str, steps
             frames_after_warm_up = counter.frame_count
         loss_e, grads_e = _step(eager, x, y)
         loss_c, grads_c = _step(fn, x, y)
-        torch.testing.assert_close(loss_c, loss_e, **tol, msg=lambda m: f"step {i} loss: {m}")
+        torch.testing.assert_close(loss_c, loss_e, **tol, msg=lambda m, i=i: f"step {i} loss: {m}")
         assert grads_c.keys() == grads_e.keys()
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], **tol,
-                                       msg=lambda m, name=name: f"step {i} grad of {name}: {m}")
+                                       msg=lambda m, name=name, i=i: f"step {i} grad of {name}: {m}")
     breaks = dict(counters["graph_break"])
     assert not breaks, f"graph breaks after the first step: {list(breaks)}"
     assert counter.frame_count == frames_after_warm_up, (
@@ -249,3 +249,37 @@ def test_initialized_deep_model_runs_one_graph_per_step() -> None:
     "Workaround: calibrate_activations(model, batch) (or one eager step) before torch.compile."))
 def test_deep_model_compiled_before_initialization_runs_one_graph_per_step() -> None:
     assert _graph_calls_per_step(initialize_first=False)[-1] == 1
+
+
+def test_trainer_compiles_only_after_the_eager_calibration_step() -> None:
+    """`Trainer(torch_compile=True)` compiles the model before the first batch; compiled while the
+    activation steps are still uncalibrated, the calibration step split the model into per-layer
+    graphs that stayed (test_deep_model_compiled_before_initialization_runs_one_graph_per_step).
+    The callback runs the first step eagerly, so dynamo first sees the calibrated model: no graph
+    is compiled during step 1, and the losses equal the eager Trainer's."""
+
+    compiled_in_step: dict[int, int] = {}
+
+    class CountGraphs(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._before = counters["stats"]["unique_graphs"]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            compiled_in_step[state.global_step] = counters["stats"]["unique_graphs"] - self._before
+
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        counters.clear()
+        with tempfile.TemporaryDirectory() as out:
+            extra = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+            trainer, _, _ = make_trainer("llama", out, max_steps=2, **extra)
+            trainer.add_callback(CountGraphs())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer.train()
+            losses[compiled] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert compiled_in_step[1] == 0, compiled_in_step  # step 1 ran eagerly (it calibrated)
+    assert compiled_in_step[2] >= 1, compiled_in_step  # compiled from step 2 on
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ from ..modules.registry import is_fake_quantized
 from ..objective import MECRegularizer, make_teacher
 from ..quantizers import ActivationFakeQuantizer, WeightFakeQuantizer
 from . import transformers_internals as internals
+from .compile_warmup import EagerUntilCalibrated
 from .hub import make_saveable
 from .model_card import update_model_card
 
@@ -317,6 +318,7 @@ class MECQuantCallback(TrainerCallback):
         self.convert_on_train_end = convert_on_train_end
         self.run_info = dict(run_info or {})
         self.term = MECTrainingTerm(self.config, "MECQuantCallback")
+        self._eager_warmup = EagerUntilCalibrated()  # torch_compile: compile only the calibrated model
         self.trainer: Any = None
         self._hook: Any = None
 
@@ -368,8 +370,13 @@ class MECQuantCallback(TrainerCallback):
         return output
 
     # ---- schedule, logging, end ------------------------------------------------------------
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.term.check_can_train()
+        self._eager_warmup.start(args, model)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._eager_warmup.step_done(model)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -403,6 +410,7 @@ class MECQuantCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._eager_warmup.stop()
         if not self.convert_on_train_end or model is None:
             return control
         self.detach(model)

@@ -14,7 +14,6 @@ from mec_quant_plugin.objective import FeatureCapture, resolve_taps
 from mec_quant_plugin.objective.capture import to_rows
 
 
-
 def _width(model) -> int:
     """The feature width the head sees, from the model's config."""
     cfg = model.config

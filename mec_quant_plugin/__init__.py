@@ -9,7 +9,7 @@ Two lines on top of an existing pipeline:
 
 from . import _quiet_import  # noqa: F401  (first: imports torchao without its optional-kernel noise)
 from .api import calibrate_activations, convert_model, prepare_model
-from .checkpoint import convert_checkpoint
+from .checkpoint import CheckpointMismatchError, convert_checkpoint
 from .config import MECQuantConfig
 from .export import GGUFExportError, ONNXExportError, export_gguf, export_onnx
 from .integrations import MECQuantCallback, MECQuantTrainerMixin, from_pretrained, make_saveable
@@ -45,6 +45,7 @@ __all__ = [
     "adaptive_lambda",
     "calibrate_activations",
     "coding_length_loss",
+    "CheckpointMismatchError",
     "convert_checkpoint",
     "convert_model",
     "exact_coding_length",

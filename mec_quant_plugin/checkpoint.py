@@ -122,6 +122,11 @@ def checkpoint_config(checkpoint: str | os.PathLike, config_path: str | os.PathL
     return given
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model or the settings it is loaded or resumed with (the message
+    names the keys or fields and says what to do)."""
+
+
 QUANTIZATION_FIELDS = ("weight_bits", "act_bits", "weight_granularity", "group_size", "ternary", "act_signedness",
                        "edge_layers")
 """The MECQuantConfig fields that decide what the step sizes of a checkpoint mean."""
@@ -141,7 +146,7 @@ def check_same_quantization(checkpoint: str | os.PathLike, config: MECQuantConfi
     saved, now = _read_config(path).to_dict(), config.to_dict()
     diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in QUANTIZATION_FIELDS if saved[k] != now[k]]
     if diff:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} was trained with other quantization settings ({path.name}): "
+        raise CheckpointMismatchError(f"checkpoint {str(checkpoint)!r} was trained with other quantization settings ({path.name}): "
                          f"{'; '.join(diff)}. Resume with the run's settings, or start a new run from the float model.")
 
 
@@ -190,7 +195,7 @@ def load_checkpoint_state(model: nn.Module, checkpoint: str | os.PathLike, *, ig
             problems.append(f"missing from the checkpoint (they would keep their initial values): {_shown(missing)}")
         if unexpected:
             problems.append(f"unknown to the model: {_shown(list(unexpected))}")
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {str(checkpoint)!r} does not fit the {type(model).__name__} prepared with this MECQuantConfig; "
             f"keys {'; '.join(problems)}. Load it into the model (and with the MECQuantConfig) it was trained with."
         )

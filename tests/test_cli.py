@@ -297,3 +297,17 @@ def test_train_and_eval_image_classification_on_fashion_mnist(tmp_path, tiny_vit
     assert json.loads((out / "config.json").read_text())["id2label"]["0"] == "T-shirt/top"
     assert run_cli(["eval", "--model", out, "--dataset", "fashion_mnist", "--max-eval-samples", "32"]) == 0
     assert last_json(capsys.readouterr().out)["eval_accuracy"] == pytest.approx(printed["eval_accuracy"])
+
+
+def test_resume_with_other_quantization_settings_is_one_usage_line(tmp_path, tiny_llama_dir, capsys):
+    """The callback refuses to resume a W2A4 checkpoint as W4A4 (it would train 2-bit steps at 4
+    bits); on the command line that is one usage line, not a traceback from inside train()."""
+    data = write_texts(tmp_path / "texts.jsonl", 40)
+    out = tmp_path / "run"
+    common = ["train", "--model", tiny_llama_dir, "--dataset", data, "--task", "causal-lm", "--act-bits", "4",
+              "--block-size", "16", "--max-train-samples", "16", "--per-device-train-batch-size", "4",
+              "--output-dir", out]
+    assert run_cli([*common, "--weight-bits", "2", "--max-steps", "1", "--save-steps", "1"]) == 0
+    capsys.readouterr()
+    expect_usage_error([*common, "--weight-bits", "4", "--max-steps", "2", "--resume-from-checkpoint",
+                        out / "checkpoint-1"], capsys, "other quantization settings", "weight_bits")

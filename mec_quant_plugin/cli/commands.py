@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..checkpoint import TRAIN_CONFIG_FILE, convert_checkpoint, is_training_checkpoint
+from ..checkpoint import TRAIN_CONFIG_FILE, CheckpointMismatchError, convert_checkpoint, is_training_checkpoint
 from .arguments import (
     ConvertArguments,
     DataArguments,
@@ -248,6 +248,8 @@ def cmd_train(parser: argparse.ArgumentParser, ns: argparse.Namespace, rest: lis
             (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
     except OSError as exc:
         return _write_failed(output_dir, exc)
+    except CheckpointMismatchError as exc:  # --resume-from-checkpoint of another run or other settings
+        parser.error(f"--resume-from-checkpoint: {first_line(exc)}")
     except CLIError as exc:  # found while reading the data (e.g. an image with pixels out of range)
         print(f"mec-quant train: error: {exc}", file=sys.stderr)
         return 1

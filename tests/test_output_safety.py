@@ -78,18 +78,11 @@ def test_convert_refuses_to_write_into_the_training_checkpoint(tmp_path, where):
 
 
 def _saveable_llama(seed: int):
-    import torch
-    from testing_utils import tiny_llama
+    from testing_utils import saveable_converted
 
-    from mec_quant_plugin import MECQuantConfig, convert_model, prepare_model
-    from mec_quant_plugin.integrations.hub import make_saveable
+    from mec_quant_plugin import MECQuantConfig
 
-    torch.manual_seed(seed)
-    model, batch = tiny_llama()
-    config = MECQuantConfig(weight_bits=4, act_bits=8)
-    prepare_model(model, config)
-    model(**batch)  # calibrates the activation quantizers
-    return make_saveable(convert_model(model.eval()), config), batch
+    return saveable_converted("llama", MECQuantConfig(weight_bits=4, act_bits=8), seed=seed)
 
 
 def _outputs(model, batch):

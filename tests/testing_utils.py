@@ -123,6 +123,22 @@ class TinyMLP(nn.Module):
         return self.head(self.body(x))
 
 
+def saveable_converted(name: str, config: MECQuantConfig, *, seed: int = 0,
+                       run_info: dict | None = None) -> tuple[nn.Module, dict]:
+    """Tiny model `name` (seeded), prepared with `config`, activation steps calibrated on its batch
+    (train mode), converted and made saveable: what `trainer.save_model()` would save."""
+    from mec_quant_plugin import convert_model, make_saveable, prepare_model
+
+    torch.manual_seed(seed)
+    model, batch = TINY_MODELS[name]()
+    prepare_model(model, config)
+    model.train()
+    with torch.no_grad():
+        model(**batch)  # calibrates the activation quantizers
+    convert_model(model.eval())
+    return make_saveable(model, config, run_info=run_info), batch
+
+
 # --- Trainer helpers -------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from testing_utils import TINY_MODELS, make_trainer
+from testing_utils import TINY_MODELS, make_trainer, saveable_converted
 
 import mec_quant_plugin
 from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model, quantization_report
@@ -157,15 +157,7 @@ def test_model_class_from_config(tmp_path):
 
 # ---- trust in a saved folder (issue 10) ---------------------------------------------------------
 def _saveable(name: str = "llama", seed: int = 0, **bits):
-    torch.manual_seed(seed)
-    model, batch = TINY_MODELS[name]()
-    config = MECQuantConfig(**(bits or {"weight_bits": 2, "act_bits": 4}))
-    prepare_model(model, config)
-    model.train()
-    with torch.no_grad():
-        model(**batch)  # calibrates the activation quantizers
-    convert_model(model.eval())
-    return make_saveable(model, config), batch
+    return saveable_converted(name, MECQuantConfig(**(bits or {"weight_bits": 2, "act_bits": 4})), seed=seed)
 
 
 def _logits(model, batch):

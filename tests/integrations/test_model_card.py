@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from testing_utils import TINY_MODELS, make_trainer
+from testing_utils import TINY_MODELS, make_trainer, saveable_converted
 
-from mec_quant_plugin import MECQuantConfig, convert_model, make_saveable, prepare_model, quantization_report
+from mec_quant_plugin import MECQuantConfig, quantization_report
 from mec_quant_plugin.integrations import model_card
 from mec_quant_plugin.report import quantization_groups
 
@@ -22,15 +22,7 @@ HOSTILE = "org/model: x\n---\nlicense: stolen\n# heading `tick` ```"
 
 
 def _saved(tmp_path: Path, name: str = "resnet", run_info: dict | None = None, **bits) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    model, batch = TINY_MODELS[name]()
-    config = MECQuantConfig(**(bits or {"weight_bits": 2, "act_bits": 4}))
-    prepare_model(model, config)
-    model.train()
-    with torch.no_grad():
-        model(**batch)  # calibrates the activation quantizers
-    convert_model(model.eval())
-    make_saveable(model, config, run_info=run_info)
+    model, _ = saveable_converted(name, MECQuantConfig(**(bits or {"weight_bits": 2, "act_bits": 4})), run_info=run_info)
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
     return model, folder

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testing_utils import TINY_MODELS, fp16_scales
+from testing_utils import TINY_MODELS, _train_a_little, fp16_scales
 from torch import nn
 from torchao.quantization import quantize_
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
@@ -22,22 +22,12 @@ from mec_quant_plugin import (
 from mec_quant_plugin.modules import FakeQuantizedModule
 
 
-def _train_a_little(model, batch, steps=3):
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 @pytest.mark.parametrize("act_bits", [None, 4])
 def test_convert_equals_fake_quant_output(name, act_bits):
     model, batch = TINY_MODELS[name]()
     prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=act_bits))
-    _train_a_little(model, batch)
+    _train_a_little(model, batch, steps=3)
     model.eval()
     with torch.no_grad(), fp16_scales():
         before = model(**batch).logits

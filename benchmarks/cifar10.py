@@ -187,7 +187,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
     cfg = method_config(method, overrides, bits)
     model = _load_fp_start(args.device)
     teacher = None
-    if cfg is not None and (cfg.distill_weight > 0 or cfg.mec_weight > 0 and cfg.mec_view == "teacher"):
+    if cfg is not None and cfg.teacher_needs():
         teacher = make_teacher(model)
     first = next(epoch_batches(xtr, ytr, batch_size=args.batch_size, seed=seed, epoch=0))
     if cfg is not None:
@@ -240,7 +240,7 @@ def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_
             step += 1
             if step % 50 == 0:
                 parts = {k: v for k, v in (reg.last_stats if reg is not None else {}).items()
-                         if k in ("total", "loss", "layer/loss", "label/loss", "distill/loss")}
+                         if k in ("total", "loss", "layer/loss", "label/loss", "mi/loss", "distill/loss")}
                 log.append({"step": step, "task": round(float(task.detach()), 4), **{k: round(v, 4) for k, v in parts.items()}})
                 print(f"  step {step}/{total} task {float(task.detach()):.3f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()),
                       flush=True)

@@ -210,6 +210,21 @@ class MECQuantConfig(AOBaseConfig):
             "labels (classification); 0 = off."
         },
     )
+    mec_mi_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the mutual information (in coding lengths) between the student's and the frozen "
+            "full-precision teacher's block outputs, I = R(Zq) + R(Zfp) - R([Zq|Zfp]) on standardized features, "
+            "spatial positions / tokens as rows; 0 = off. The Trainer callback / mixin make the teacher."
+        },
+    )
+    mec_mi_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules whose OUTPUTS the mutual-information term compares (default: the model's repeated "
+            "blocks, as mec_taps='blocks' finds them)."
+        },
+    )
     distill_weight: float = field(
         default=0.0,
         metadata={
@@ -279,8 +294,28 @@ class MECQuantConfig(AOBaseConfig):
         if not isinstance(self.mec_layer_standardize, bool):
             raise TypeError(f"mec_layer_standardize must be True or False, got {self.mec_layer_standardize!r}.")
         _check_positive("mec_label_weight", self.mec_label_weight, allow_zero=True)
+        _check_positive("mec_mi_weight", self.mec_mi_weight, allow_zero=True)
+        if self.mec_mi_modules is not None and (
+            not isinstance(self.mec_mi_modules, (list, tuple))
+            or not self.mec_mi_modules
+            or not all(isinstance(n, str) for n in self.mec_mi_modules)
+        ):
+            raise TypeError(f"mec_mi_modules must be a non-empty list of module names, got {self.mec_mi_modules!r}.")
         _check_positive("distill_weight", self.distill_weight, allow_zero=True)
         _check_positive("distill_temperature", self.distill_temperature)
+
+    def teacher_needs(self) -> list[str]:
+        """Why this config needs the frozen full-precision teacher (`make_teacher`): the settings
+        that use it, empty when none does.
+
+        Example:
+            >>> MECQuantConfig(distill_weight=1.0).teacher_needs()
+            ['distill_weight > 0']
+        """
+        uses = ((self.mec_view == "teacher", "mec_view='teacher'"),
+                (self.mec_mi_weight > 0, "mec_mi_weight > 0"),
+                (self.distill_weight > 0, "distill_weight > 0"))
+        return [what for on, what in uses if on]
 
     # ---- serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

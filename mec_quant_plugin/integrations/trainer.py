@@ -94,8 +94,7 @@ class MECTrainingTerm:
             if why is not None:
                 raise ValueError(_PREPARE_FIRST.format(owner=self.owner, why=why))
         teacher = None
-        needs = [what for on, what in ((self.config.mec_view == "teacher", "mec_view='teacher'"),
-                                       (self.config.distill_weight > 0, "distill_weight > 0")) if on]
+        needs = self.config.teacher_needs()
         if needs:
             if prepared:
                 raise ValueError(

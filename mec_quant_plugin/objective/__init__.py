@@ -5,8 +5,9 @@
 - `mixture_coding_length_loss`: the mixture-of-experts reformulation (magnitude / gate / features);
 - `adaptive_lambda`, `center_features`: conditioning that keeps the series convergent;
 - `FeatureCapture`: forward hooks recording the representation (head input, block outputs);
-- `LayerwiseCodingLength`, `rate_reduction_loss`, `distillation_loss`: the candidate terms of
-  MEC-Quant v2 (per-layer coding length, label-aware rate reduction, logit distillation);
+- `LayerwiseCodingLength`, `rate_reduction_loss`, `mutual_information_loss`, `distillation_loss`:
+  the candidate terms of MEC-Quant v2 (per-layer coding length, label-aware rate reduction,
+  mutual information with the teacher's block outputs, logit distillation);
 - `MECRegularizer`, `make_teacher`: every term as one module driven by the training step;
 - `TermStats`, `LayerwiseStats`, `MECStats`: the typed statistics of a term and of the
   regularizer's last call;
@@ -21,6 +22,7 @@ from .distill import distillation_loss
 from .distributed import gather_rows
 from .layerwise import LayerwiseCodingLength
 from .mixture import mixture_coding_length_loss
+from .mutual_information import mutual_information, mutual_information_loss
 from .regularizer import MECRegularizer, make_teacher
 from .stats import LayerwiseStats, MECStats, TapStats, TermStats
 
@@ -41,6 +43,8 @@ __all__ = [
     "gather_rows",
     "make_teacher",
     "mixture_coding_length_loss",
+    "mutual_information",
+    "mutual_information_loss",
     "normalize_rows",
     "rate_reduction_loss",
     "resolve_taps",

@@ -34,12 +34,13 @@ def _available(model: nn.Module, limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def to_rows(x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """A captured tensor as (m, d) rows: pooled spatial maps, unpadded token rows, or as is.
+def to_rows(x: Tensor, attention_mask: Tensor | None = None, *, positions: bool = False) -> Tensor:
+    """A captured tensor as (m, d) rows: pooled spatial maps (`positions=True`: every spatial
+    position a row), unpadded token rows, or as is.
 
     Example:
-        >>> to_rows(torch.randn(2, 8, 4, 4)).shape
-        torch.Size([2, 8])
+        >>> to_rows(torch.randn(2, 8, 4, 4)).shape, to_rows(torch.randn(2, 8, 4, 4), positions=True).shape
+        (torch.Size([2, 8]), torch.Size([32, 8]))
 
     Raises:
         ValueError: a shape other than (N, D), (N, T, D) or (N, C, H, W).
@@ -47,7 +48,7 @@ def to_rows(x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     if x.dim() == 2:
         return x
     if x.dim() == 4:
-        return x.mean(dim=(2, 3))
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if positions else x.mean(dim=(2, 3))
     if x.dim() == 3:
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == x.shape[:2]:
             return x[attention_mask.to(device=x.device) != 0]
@@ -67,26 +68,36 @@ def subsample_rows(rows: Tensor, max_rows: int, seed: int) -> Tensor:
     return rows[keep.to(rows.device)]
 
 
-def find_blocks(model: nn.Module) -> list[str]:
-    """Names of the model's repeated blocks: the children of its largest homogeneous ModuleList.
-
-    Transformers keep their layers in one `nn.ModuleList` of identical blocks (ViT/BERT
-    `encoder.layer`, Llama `model.layers`), Hugging Face CNNs their stages (ResNet
-    `encoder.stages`); choosing by structure (most parameters) avoids guessing names.
-
-    Raises:
-        ValueError: no ModuleList of >= 2 same-type modules exists.
-    """
+def _largest_homogeneous(model: nn.Module, kind: type[nn.Module]) -> str | None:
     best, best_size = None, -1
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
+        if isinstance(mod, kind) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
             size = sum(p.numel() for p in mod.parameters())
             if size > best_size:
                 best, best_size = name, size
+    return best
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks: the children of its largest homogeneous ModuleList
+    (of its largest homogeneous nn.Sequential when it has no such ModuleList).
+
+    Transformers keep their layers in one `nn.ModuleList` of identical blocks (ViT/BERT
+    `encoder.layer`, Llama `model.layers`), Hugging Face CNNs their stages (ResNet
+    `encoder.stages`); torchvision-style CNNs chain theirs in an `nn.Sequential` (a CIFAR ResNet's
+    residual blocks). Choosing by structure (most parameters) avoids guessing names.
+
+    Raises:
+        ValueError: no ModuleList or Sequential of >= 2 same-type modules exists.
+    """
+    best = _largest_homogeneous(model, nn.ModuleList)
+    if best is None:
+        best = _largest_homogeneous(model, nn.Sequential)
     if best is None:
         raise ValueError(
-            f"{type(model).__name__} has no nn.ModuleList of repeated blocks to tap; "
-            "name the modules with MECQuantConfig(mec_tap_modules=[...])."
+            f"{type(model).__name__} has no nn.ModuleList or nn.Sequential of repeated blocks to tap; "
+            "name the modules with MECQuantConfig(mec_tap_modules=[...]) (mec_mi_modules=[...] for the "
+            "mutual-information term)."
         )
     return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]
 
@@ -130,6 +141,8 @@ class FeatureCapture:
         require_grad: ignore tap calls made with grad disabled while the model trains (reentrant
             activation checkpointing runs blocks under no_grad: such features could not train).
         seed: base seed of the sub-sampling; the step from `set_step` is added.
+        positions: rows of (N, C, H, W) maps are the spatial positions (N*H*W rows), not the
+            pooled images.
 
     Example:
         >>> cap = FeatureCapture(model, [("classifier", "input")])
@@ -149,8 +162,10 @@ class FeatureCapture:
         training_only: bool = True,
         require_grad: bool = True,
         seed: int = 0,
+        positions: bool = False,
     ) -> None:
         self.model = model
+        self.positions = positions
         self.taps = list(taps)
         if not self.taps:
             raise ValueError("FeatureCapture needs at least one (module name, side) tap.")
@@ -240,7 +255,8 @@ class FeatureCapture:
         """
         raw, self.features = self.features, {}
         mask = self._attention_mask()
-        return {name: subsample_rows(to_rows(value, mask), self.max_rows, self.row_seed) for name, value in raw.items()}
+        return {name: subsample_rows(to_rows(value, mask, positions=self.positions), self.max_rows, self.row_seed)
+                for name, value in raw.items()}
 
     def clear(self) -> None:
         """Drop captured features and recorded inputs."""

@@ -6,6 +6,8 @@ The terms, each on when its weight in `MECQuantConfig` is > 0:
 - `mec_layer_weight`: the per-layer coding length of every low-bit layer (`layerwise.py`);
 - `mec_label_weight`: the label-aware rate reduction of the head features (`class_coding.py`),
   needs the batch `labels`;
+- `mec_mi_weight`: the mutual information (coding lengths) between the student's and the frozen
+  teacher's block outputs (`mutual_information.py`), needs `teacher=make_teacher(...)`;
 - `distill_weight`: logit distillation from the frozen full-precision teacher (`distill.py`),
   needs the model's `logits` and `teacher=make_teacher(...)`.
 
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 
 from ..config import MECQuantConfig
 from ..distributed import is_distributed
-from .capture import FeatureCapture, resolve_taps, subsample_rows
+from .capture import FeatureCapture, find_blocks, resolve_taps, subsample_rows
 from .class_coding import rate_reduction_loss
 from .coding_length import coding_length_loss
 from .conditioning import center_features, warmup_lambda_scale
@@ -52,6 +54,7 @@ from .distill import distillation_loss
 from .distributed import gather_rows
 from .layerwise import LayerwiseCodingLength
 from .mixture import mixture_coding_length_loss
+from .mutual_information import MI_EPS2, mutual_information_loss, mutual_information_lower_bound
 from .stats import LayerwiseStats, MECStats, TapStats, TermStats
 
 LABEL_EPS2 = 0.5  # the eps^2 of the label-aware term (`rate_reduction_loss`'s default)
@@ -72,6 +75,7 @@ def term_lower_bounds(config: MECQuantConfig, balance_weight: float = 0.01) -> d
       `-balance_weight (1 - 1/K)`.
     - `label/loss`: `-(R(Z) - sum_j m_j/m R(Z_j)) / d >= -R(Z)/d >= -log(1 + 1/eps^2) / 2` (the
       eigenvalues of (d/(m eps^2)) Z^T Z sum to <= d/eps^2; log det is largest when they are equal).
+    - `mi/loss`: `-I(Zq; Zfp) / d >= -log(1 + 1/eps^2) / 2` (`mutual_information_loss`).
     - `distill/loss`: a KL divergence, >= 0.
 
     Example:
@@ -81,7 +85,8 @@ def term_lower_bounds(config: MECQuantConfig, balance_weight: float = 0.01) -> d
     head = -1.0
     if config.mec_routing == "gate" and config.mec_experts > 1:
         head -= balance_weight * (1.0 - 1.0 / config.mec_experts)
-    return {"loss": head, "layer/loss": -1.0, "label/loss": -0.5 * math.log1p(1.0 / LABEL_EPS2), "distill/loss": 0.0}
+    return {"loss": head, "layer/loss": -1.0, "label/loss": -0.5 * math.log1p(1.0 / LABEL_EPS2),
+            "mi/loss": mutual_information_lower_bound(MI_EPS2), "distill/loss": 0.0}
 
 
 def make_teacher(model: nn.Module) -> nn.Module:
@@ -177,13 +182,12 @@ class MECRegularizer(nn.Module):
         # the teacher must never reach an optimizer nor a state dict of this term.
         self.__dict__["_model"] = model
         self.__dict__["_teacher"] = teacher
-        for needs, what in ((config.mec_view == "teacher", "mec_view='teacher'"),
-                            (config.distill_weight > 0, f"distill_weight={config.distill_weight}")):
-            if needs and teacher is None:
-                raise ValueError(
-                    f"{what} needs teacher=make_teacher(model), made before quantization "
-                    "(the Trainer callback and mixin make it themselves)."
-                )
+        needs = config.teacher_needs()
+        if needs and teacher is None:
+            raise ValueError(
+                f"{' and '.join(needs)} needs teacher=make_teacher(model), made before quantization "
+                "(the Trainer callback and mixin make it themselves)."
+            )
         # The label-aware term codes the head features whatever `mec_taps` the coding length uses.
         self.head_name: str | None = None
         captured = list(self.taps)
@@ -203,6 +207,17 @@ class MECRegularizer(nn.Module):
             self.teacher_capture = FeatureCapture(
                 teacher, self.taps, max_rows=config.mec_max_rows, training_only=False, require_grad=False, seed=seed
             )
+        # The mutual-information term: block outputs of student and teacher, spatial positions as
+        # rows, the same rows in both (same step seed, same shapes).
+        self.mi_capture: FeatureCapture | None = None
+        self.mi_teacher_capture: FeatureCapture | None = None
+        if config.mec_mi_weight > 0:
+            mi_taps = [(name, "output") for name in (config.mec_mi_modules or find_blocks(model))]
+            self.mi_capture = FeatureCapture(model, mi_taps, max_rows=config.mec_max_rows, seed=seed, positions=True)
+            self.mi_teacher_capture = FeatureCapture(
+                teacher, mi_taps, max_rows=config.mec_max_rows, training_only=False, require_grad=False, seed=seed,
+                positions=True,
+            )
         self.gates = nn.ModuleDict()
         self.shared_gate = gate
         if config.mec_routing == "gate" and config.mec_experts > 1 and gate is None:
@@ -216,7 +231,8 @@ class MECRegularizer(nn.Module):
                 self.gates[self._key(name)] = nn.Linear(dim, config.mec_experts).to(_param_device(model))
         self.lower_bounds = term_lower_bounds(config, balance_weight)
         self.weights = {"loss": config.mec_weight, "layer/loss": config.mec_layer_weight,
-                        "label/loss": config.mec_label_weight, "distill/loss": config.distill_weight}
+                        "label/loss": config.mec_label_weight, "mi/loss": config.mec_mi_weight,
+                        "distill/loss": config.distill_weight}
         self.lambda_scale = 1.0
         self.stats: MECStats | None = None
         self._warned_small = False
@@ -237,8 +253,9 @@ class MECRegularizer(nn.Module):
         """Drive MEC's lambda warm-up (over `mec_warmup_fraction` of training) and the row seed."""
         self.lambda_scale = warmup_lambda_scale(step, total_steps, self.config.mec_warmup_fraction)
         self.capture.set_step(step)
-        if self.teacher_capture is not None:
-            self.teacher_capture.set_step(step)
+        for capture in (self.teacher_capture, self.mi_capture, self.mi_teacher_capture):
+            if capture is not None:
+                capture.set_step(step)
         if self.layer_term is not None:
             self.layer_term.set_step(step)
 
@@ -257,9 +274,11 @@ class MECRegularizer(nn.Module):
         """
         return {} if self.stats is None else self.stats.to_dict()
 
-    def _run_teacher(self, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[dict[str, Tensor], Any, float, float]:
-        """The teacher on the student's last inputs: its features (teacher view), its output, its
-        forward time (ms) and its size (MB)."""
+    def _run_teacher(
+        self, inputs: tuple[tuple[Any, ...], dict[str, Any]]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Any, float, float]:
+        """The teacher on the student's last inputs: its features (teacher view), its block outputs
+        (mutual-information term), its output, its forward time (ms) and its size (MB)."""
         teacher = self.__dict__["_teacher"]
         args, kwargs = inputs
         kwargs = {k: v for k, v in kwargs.items() if k != "labels"}  # the teacher's loss is not needed
@@ -272,7 +291,8 @@ class MECRegularizer(nn.Module):
         elapsed_ms = 1000 * (time.perf_counter() - start)
         size_mb = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) / 2**20
         features = self.teacher_capture.pop() if self.teacher_capture is not None else {}
-        return features, output, elapsed_ms, size_mb
+        blocks = self.mi_teacher_capture.pop() if self.mi_teacher_capture is not None else {}
+        return features, blocks, output, elapsed_ms, size_mb
 
     def _term(self, name: str, student: Tensor, teacher: Tensor | None) -> tuple[Tensor, TermStats] | None:
         cfg = self.config
@@ -340,14 +360,18 @@ class MECRegularizer(nn.Module):
         features = self.capture.pop()
         inputs = self.capture.inputs
         self.capture.clear()
+        blocks = {}
+        if self.mi_capture is not None:
+            blocks = self.mi_capture.pop()
+            self.mi_capture.clear()
         self.stats = None
         device = _param_device(self.__dict__["_model"])
         if inputs is None:
             return torch.zeros((), device=device)
-        teacher_features, teacher_output, teacher_ms, teacher_mb = {}, None, None, None
+        teacher_features, teacher_blocks, teacher_output, teacher_ms, teacher_mb = {}, {}, None, None, None
         head_on = cfg.mec_weight > 0 and any(name in features for name, _ in self.taps)
-        if (head_on and self.teacher_capture is not None) or cfg.distill_weight > 0:
-            teacher_features, teacher_output, teacher_ms, teacher_mb = self._run_teacher(inputs)
+        if (head_on and self.teacher_capture is not None) or cfg.distill_weight > 0 or blocks:
+            teacher_features, teacher_blocks, teacher_output, teacher_ms, teacher_mb = self._run_teacher(inputs)
 
         weighted: list[Tensor] = []
         head_loss, taps = None, {}
@@ -369,6 +393,9 @@ class MECRegularizer(nn.Module):
             if z.shape[0] >= 2:
                 label_loss = rate_reduction_loss(z, self._labels_for(z, labels), eps2=LABEL_EPS2)
                 weighted.append(self._added('label/loss', label_loss))
+        mi_loss = self._mi_term(blocks, teacher_blocks) if blocks else None
+        if mi_loss is not None:
+            weighted.append(self._added('mi/loss', mi_loss))
         distill_loss = None
         if cfg.distill_weight > 0:
             mask = inputs[1].get("attention_mask")
@@ -386,6 +413,7 @@ class MECRegularizer(nn.Module):
             loss=None if head_loss is None else head_loss.detach(), lambda_scale=self.lambda_scale, taps=taps,
             teacher_ms=teacher_ms, teacher_param_mb=teacher_mb, layerwise=layerwise,
             label_loss=None if label_loss is None else label_loss.detach(),
+            mi_loss=None if mi_loss is None else mi_loss.detach(),
             distill_loss=None if distill_loss is None else distill_loss.detach(), total=total.detach(),
             weights=self.weights, lower_bounds=self.lower_bounds,
         )
@@ -411,6 +439,14 @@ class MECRegularizer(nn.Module):
             taps[name] = TapStats(loss=loss.detach(), rows=features[name].shape[0], term=term)
         # Normalized by the number of taps, so adding block taps does not rescale beta.
         return (torch.stack(losses).mean() if losses else None), taps
+
+    @staticmethod
+    def _mi_term(student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor | None:
+        """`mutual_information_loss` of each block's student and teacher rows, averaged over blocks
+        (so its weight does not grow with depth); None when no block had 2 rows."""
+        losses = [mutual_information_loss(rows, teacher[name]) for name, rows in student.items()
+                  if rows.shape[0] >= 2 and name in teacher and teacher[name].shape[0] == rows.shape[0]]
+        return torch.stack(losses).mean() if losses else None
 
     def _labels_for(self, rows: Tensor, labels: Tensor) -> Tensor:
         """The labels of the head rows (sub-sampled like the rows when the batch exceeds mec_max_rows)."""
@@ -439,7 +475,8 @@ class MECRegularizer(nn.Module):
     def remove(self) -> None:
         """Remove every hook registered on the model (and teacher)."""
         self.capture.remove()
-        if self.teacher_capture is not None:
-            self.teacher_capture.remove()
+        for capture in (self.teacher_capture, self.mi_capture, self.mi_teacher_capture):
+            if capture is not None:
+                capture.remove()
         if self.layer_term is not None:
             self.layer_term.remove()

@@ -128,11 +128,13 @@ class MECStats:
         layerwise: the per-layer term (`mec_layer_weight`), None when off.
         label_loss: the label-aware rate reduction loss `-(R(Z) - sum_j m_j/m R(Z_j)) / d`
             (`mec_label_weight`), None when off.
+        mi_loss: the mutual-information loss `-I(Zq; Zfp) / d` averaged over blocks
+            (`mec_mi_weight`), None when off.
         distill_loss: the logit distillation loss (`distill_weight`), None when off.
         total: what the regularizer returned (detached): the sum over terms of
             `weight * (loss - lower bound)`.
         weights / lower_bounds: each term's weight and the constant lower bound subtracted from
-            its loss, by log key (`loss`, `layer/loss`, `label/loss`, `distill/loss`); a key
+            its loss, by log key (`loss`, `layer/loss`, `label/loss`, `mi/loss`, `distill/loss`); a key
             absent means weight 1, bound 0.
 
     The losses above are unweighted, as the term functions return them; `to_dict` logs each
@@ -151,6 +153,7 @@ class MECStats:
     teacher_param_mb: float | None = None
     layerwise: LayerwiseStats | None = None
     label_loss: Tensor | None = None
+    mi_loss: Tensor | None = None
     distill_loss: Tensor | None = None
     total: Tensor | None = None
     weights: Mapping[str, float] = field(default_factory=dict)
@@ -183,7 +186,7 @@ class MECStats:
     def to_dict(self) -> dict[str, float]:
         """Every statistic as a float by log key.
 
-        Every `loss` key (`loss`, `<tap>/loss`, `layer/loss`, `label/loss`, `distill/loss`) is
+        Every `loss` key (`loss`, `<tap>/loss`, `layer/loss`, `label/loss`, `mi/loss`, `distill/loss`) is
         what that term adds to the training loss, `weight * (loss - lower bound)` (>= 0), so
         they add up to `total` and a loss curve reads as the training loss's parts.
 
@@ -192,7 +195,7 @@ class MECStats:
         than one tap, each tap's `loss`, `coding_length`, `spectral_bound`, `lambda` and mixture
         statistics also appear under `<tap name>/`. Always `lambda_scale` and `total`; the
         teacher's `teacher_ms` / `teacher_param_mb` when it ran; `layer/loss`,
-        `layer/coding_length`, `layer/layers`, `label/loss`, `distill/loss` for the terms that are on.
+        `layer/coding_length`, `layer/layers`, `label/loss`, `mi/loss`, `distill/loss` for the terms that are on.
         """
         out: dict[str, Tensor | float] = {}
         if self.loss is not None and self.taps:
@@ -223,6 +226,8 @@ class MECStats:
             out["layer/layers"] = self.layerwise.layers
         if self.label_loss is not None:
             out["label/loss"] = self._added("label/loss", self.label_loss)
+        if self.mi_loss is not None:
+            out["mi/loss"] = self._added("mi/loss", self.mi_loss)
         if self.distill_loss is not None:
             out["distill/loss"] = self._added("distill/loss", self.distill_loss)
         if self.total is not None:

@@ -14,9 +14,9 @@ from mec_quant_plugin import MECQuantCallback, MECQuantConfig, MECQuantTrainerMi
 from mec_quant_plugin.objective import make_teacher
 
 ALL_TERMS = MECQuantConfig(weight_bits=2, act_bits=4, mec_weight=0.5, mec_layer_weight=0.3, mec_label_weight=0.2,
-                           distill_weight=1.0, distill_temperature=2.0)
-NEW_KEYS = {"mec/layer/loss", "mec/layer/coding_length", "mec/layer/layers", "mec/label/loss", "mec/distill/loss",
-            "mec/total"}
+                           mec_mi_weight=0.6, distill_weight=1.0, distill_temperature=2.0)
+NEW_KEYS = {"mec/layer/loss", "mec/layer/coding_length", "mec/layer/layers", "mec/label/loss", "mec/mi/loss",
+            "mec/distill/loss", "mec/total"}
 
 
 class MECTrainer(MECQuantTrainerMixin, Trainer):
@@ -69,7 +69,7 @@ def test_callback_and_mixin_give_the_loss_of_the_custom_loop(name, tmp_path):
         loss, reg = _first_step_loss(kind, model, ds, batch, str(tmp_path / kind.replace(" ", "_")), ALL_TERMS)
         stats = reg.stats
         assert reg.teacher is not None and not any(p.requires_grad for p in reg.teacher.parameters())
-        assert all(v is not None for v in (stats.loss, stats.layerwise, stats.label_loss, stats.distill_loss))
+        assert all(v is not None for v in (stats.loss, stats.layerwise, stats.label_loss, stats.mi_loss, stats.distill_loss))
         assert float(stats.distill_loss) > 0
         losses[kind] = loss.detach()
     torch.testing.assert_close(losses["callback"], losses["custom loop"])
@@ -95,3 +95,10 @@ def test_distillation_on_an_already_prepared_model_is_a_clear_error(tmp_path):
     prepare_model(model, ALL_TERMS)
     with pytest.raises(ValueError, match="distill_weight > 0 needs the full-precision model"):
         _trainer("callback", model, ds, str(tmp_path), MECQuantConfig(distill_weight=1.0))
+
+
+def test_mi_term_on_an_already_prepared_model_is_a_clear_error(tmp_path):
+    model, ds, _ = _float_model_and_data("resnet")
+    prepare_model(model, ALL_TERMS)
+    with pytest.raises(ValueError, match="mec_mi_weight > 0 needs the full-precision model"):
+        _trainer("mixin", model, ds, str(tmp_path), MECQuantConfig(mec_mi_weight=1.0))

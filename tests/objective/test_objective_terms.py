@@ -127,7 +127,7 @@ def test_a_term_without_its_inputs_is_a_clear_error(config, call, match):
 
 
 def test_distillation_without_a_teacher_is_a_clear_error():
-    with pytest.raises(ValueError, match="distill_weight=1.0 needs teacher=make_teacher"):
+    with pytest.raises(ValueError, match="distill_weight > 0 needs teacher=make_teacher"):
         MECRegularizer(TinyMLP(), MECQuantConfig(distill_weight=1.0))
     with pytest.raises(TypeError, match="Cannot find logits in logits"):
         model, _, reg = _student_and_teacher(distill_weight=1.0)
@@ -170,3 +170,66 @@ def test_distillation_of_token_logits_leaves_out_padding():
     with torch.no_grad():
         t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(term, distillation_loss(out.logits[keep], t_logits[keep], 2.0))
+
+
+def test_mi_term_is_weight_times_the_mutual_information_of_the_block_outputs():
+    from mec_quant_plugin.objective import mutual_information_loss
+
+    def reference(model, teacher, x, y, logits):
+        return 0.4, mutual_information_loss(model.body[:2](x), teacher.body[:2](x))
+
+    _check_term_is_weight_times(dict(OFF, mec_mi_weight=0.4, mec_mi_modules=["body.1"]), reference)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv(x))
+
+
+class _SequentialBlocksCNN(torch.nn.Module):
+    """A CIFAR-ResNet-like CNN: stem, three blocks in an nn.Sequential, pooled Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.layers = torch.nn.Sequential(_Block(4), _Block(4), _Block(4))
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layers(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("max_rows, rows", [(64, 64), (1024, 2 * 6 * 6)])
+def test_mi_term_sees_spatial_positions_as_rows_and_finds_the_blocks_itself(max_rows, rows):
+    """Blocks kept in an nn.Sequential are found; each block's (N, C, H, W) output gives N*H*W rows
+    (capped by mec_max_rows), the same rows for student and teacher."""
+    torch.manual_seed(0)
+    model = _SequentialBlocksCNN()
+    teacher = make_teacher(model)
+    config = MECQuantConfig(weight_bits=2, act_bits=2, mec_weight=0.0, mec_mi_weight=1.0, mec_max_rows=max_rows)
+    prepare_model(model, config)
+    reg = MECRegularizer(model.train(), config, teacher=teacher)
+    seen = {}
+    original = reg._mi_term
+
+    def spy(student, teach):
+        seen.update({name: (rows.shape, teach[name].shape) for name, rows in student.items()})
+        return original(student, teach)
+
+    reg._mi_term = spy
+    model(torch.randn(2, 3, 6, 6))
+    loss = reg()
+    assert set(seen) == {"layers.0", "layers.1", "layers.2"}
+    assert all(s == t == (rows, 4) for s, t in seen.values())
+    assert float(loss) > 0 and reg.last_stats["mi/loss"] == pytest.approx(float(loss))
+
+
+def test_mi_term_without_a_teacher_is_a_clear_error():
+    model = TinyMLP()
+    prepare_model(model, MECQuantConfig(weight_bits=2, act_bits=2))
+    with pytest.raises(ValueError, match="mec_mi_weight > 0 needs teacher=make_teacher"):
+        MECRegularizer(model, MECQuantConfig(weight_bits=2, act_bits=2, mec_mi_weight=1.0, mec_mi_modules=["body.1"]))

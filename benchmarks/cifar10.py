@@ -48,6 +48,7 @@ from mec_quant_plugin import (  # noqa: E402
 )
 
 WORK = Path(os.environ.get("MEC_QUANT_BENCH_DIR", "outputs/bench-cifar10"))  # FP start, run checkpoints
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
@@ -276,7 +277,10 @@ def run(args: argparse.Namespace) -> None:
     """Train and score every (seed, bits, method); append each finished run to the results JSON."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
     data = load_cifar10()
-    out = Path(args.out)
+    split = "test"
+    if args.holdout:
+        data, split = holdout_split(data, args.holdout), f"holdout-{args.holdout}"
+    out = Path(args.out or RESULTS / ("cifar10_resnet20_holdout.json" if args.holdout else "cifar10_resnet20.json"))
     results = json.loads(out.read_text()) if out.exists() else {"runs": []}
     fp_meta = json.loads((WORK / "fp-start.json").read_text()) if (WORK / "fp-start.json").exists() else None
     results.update(protocol={"qat_epochs": args.qat_epochs, "steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay,
@@ -292,16 +296,17 @@ def run(args: argparse.Namespace) -> None:
             for spec in args.methods:
                 method, overrides = parse_method(spec)
                 label_bits = "FP" if method == "fp" else bits_text
-                if any((r["bits"], r["method"], r["seed"], r.get("qat_epochs", 1)) == (label_bits, spec, seed, args.qat_epochs)
-                       for r in results["runs"]):
+                if any((r["bits"], r["method"], r["seed"], r.get("qat_epochs", 1), r.get("split", "test"))
+                       == (label_bits, spec, seed, args.qat_epochs, split) for r in results["runs"]):
                     print(f"{label_bits:>5} {spec:<50} seed {seed}: already in {out.name}, skipped", flush=True)
                     continue
-                run_dir = _run_dir(label_bits, spec, seed, args.qat_epochs)
+                run_dir = _run_dir(label_bits, spec, seed, args.qat_epochs, split)
                 print(f"{label_bits:>5} {spec} seed {seed} ...", flush=True)
                 start = time.perf_counter()
                 res = train_method(method, overrides, parse_bits(bits_text), seed, data, args, run_dir)
                 model = res.pop("model")
                 entry = {"bits": label_bits, "method": spec, "seed": seed, "qat_epochs": args.qat_epochs,
+                         **({} if split == "test" else {"split": split}),
                          "accuracy": accuracy(model, *test), "test_images": len(test[1]), "train_accuracy": accuracy(model, *train_eval),
                          **res, "seconds": round(time.perf_counter() - start, 1),
                          "command": " ".join(["python benchmarks/cifar10.py", *(sys.argv[1:] if argv_is_cli() else [])]),
@@ -311,10 +316,27 @@ def run(args: argparse.Namespace) -> None:
                       f"train {100 * entry['train_accuracy']:.2f}% ({entry['seconds']:.0f} s)", flush=True)
 
 
-def _run_dir(label_bits: str, spec: str, seed: int, qat_epochs: int = 1) -> Path:
-    """One folder per run; runs of another schedule length never resume from each other."""
+def _run_dir(label_bits: str, spec: str, seed: int, qat_epochs: int = 1, split: str = "test") -> Path:
+    """One folder per run; runs of another schedule length or data split never resume from each other."""
     epochs = "" if qat_epochs == 1 else f"-e{qat_epochs}"
-    return WORK / "runs" / f"{label_bits}-{spec.replace(':', '_').replace(',', '_')}-s{seed}{epochs}"
+    held = "" if split == "test" else f"-{split}"
+    return WORK / "runs" / f"{label_bits}-{spec.replace(':', '_').replace(',', '_')}-s{seed}{epochs}{held}"
+
+
+HOLDOUT_SEED = 20261202  # fixed: every held-out run scores the same images
+
+
+def holdout_split(data: dict, images: int) -> dict:
+    """The training set split in two for tuning (KD's temperature and weight, a term's weight):
+    `images` fixed random training images become the "test" split, the rest the training split;
+    the real test set is not touched. (The FP start saw the held-out images during its own
+    training: they are unseen by QAT only.)"""
+    x, y = data["train"]
+    if not 0 < images < len(y):
+        raise SystemExit(f"--holdout must be between 1 and {len(y) - 1} training images, got {images}.")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    held, kept = order[:images], order[images:].sort().values
+    return {"train": (x[kept], y[kept]), "test": (x[held], y[held])}
 
 
 @torch.no_grad()
@@ -434,7 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cifar10_resnet20.json"))
+    p.add_argument("--holdout", type=int, default=0,
+                   help="tune on the training set: score on this many held-out training images, train on the rest "
+                        "(results go to cifar10_resnet20_holdout.json unless --out says otherwise)")
+    p.add_argument("--out", default=None, help="results JSON (default: results/cifar10_resnet20.json)")
     p.set_defaults(func=run)
     p = sub.add_parser("diagnose", help="per-layer collapse statistics of FP, PTQ and trained runs")
     p.add_argument("--bits", default="W2A2")

@@ -85,3 +85,26 @@ def test_cli_loads_half_precision_checkpoints_as_float32_for_training(tmp_path):
     model.half().save_pretrained(str(tmp_path))
     loaded = load_model("text-classification", str(tmp_path))
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_cifar10_holdout_split_is_a_fixed_partition_of_the_training_set_only():
+    import cifar10
+
+    x = torch.arange(100, dtype=torch.uint8).reshape(100, 1, 1, 1).expand(100, 3, 2, 2)
+    data = {"train": (x, torch.arange(100)), "test": (x[:10], torch.arange(10))}
+    split = cifar10.holdout_split(data, 20)
+    train_ids, held_ids = split["train"][1], split["test"][1]
+    assert len(held_ids) == 20 and len(train_ids) == 80
+    assert set(train_ids.tolist()).isdisjoint(held_ids.tolist()) and len(set(train_ids.tolist()) | set(held_ids.tolist())) == 100
+    assert torch.equal(split["train"][0][:, 0, 0, 0].long(), train_ids)  # images stay with their labels
+    assert torch.equal(cifar10.holdout_split(data, 20)["test"][1], held_ids)  # the same images every run
+    with pytest.raises(SystemExit, match="--holdout must be between 1 and 99"):
+        cifar10.holdout_split(data, 100)
+
+
+def test_cifar10_methods_get_a_teacher_exactly_when_a_term_needs_one():
+    import cifar10
+
+    needs = {spec: cifar10.method_config(*cifar10.parse_method(spec), (2, 2)).teacher_needs()
+             for spec in ("plain", "kd", "mec", "mec:mec_weight=0,mec_mi_weight=1")}
+    assert needs == {"plain": [], "kd": ["distill_weight > 0"], "mec": [], "mec:mec_weight=0,mec_mi_weight=1": ["mec_mi_weight > 0"]}

@@ -430,6 +430,40 @@ def argv_is_cli() -> bool:
     return Path(sys.argv[0]).name == "cifar10.py"
 
 
+def grad_share(args: argparse.Namespace) -> None:
+    """How hard each method's added terms pull, against the cross-entropy: on the first `--batches`
+    batches of seed 0, the gradient norm w.r.t. the conv/linear weights of the task loss and of
+    what the regularizer adds, for the W2A2 model prepared and calibrated from the FP start (how the
+    weights of the terms are set before screening)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    xtr, ytr = load_cifar10()["train"]
+    rows = []
+    for spec in args.methods:
+        method, overrides = parse_method(spec)
+        cfg = method_config(method, overrides, parse_bits(args.bits))
+        model = _load_fp_start("cpu")
+        teacher = make_teacher(model) if cfg.teacher_needs() else None
+        batches = epoch_batches(xtr, ytr, batch_size=128, seed=0, epoch=0)
+        first = next(batches)
+        model = prepare_model(model, cfg)
+        with torch.no_grad():
+            calibrate_activations(model, first[0])
+        reg = MECRegularizer(model.train(), cfg, teacher=teacher, seed=0)
+        weights = [p for n, p in model.named_parameters() if p.dim() > 1 and "fake_quantizer" not in n]
+        task_norms, term_norms = [], []
+        for step, (xb, yb) in enumerate([first, *(next(batches) for _ in range(args.batches - 1))]):
+            reg.set_progress(step, 390)
+            logits = model(xb)
+            task = torch.nn.functional.cross_entropy(logits, yb)
+            term = reg(logits=logits, labels=yb)
+            for value, norms in ((task, task_norms), (term, term_norms)):
+                grads = torch.autograd.grad(value, weights, retain_graph=True, allow_unused=True)
+                norms.append(float(torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(())))))
+        task_med, term_med = statistics.median(task_norms), statistics.median(term_norms)
+        rows.append((spec, task_med, term_med))
+        print(f"{spec:<60} |grad CE| {task_med:.3f}  |grad terms| {term_med:.3f}  ratio {term_med / task_med:.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -470,6 +504,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cifar10_diagnostic.json"))
     p.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "cifar10_diagnostic.png"))
     p.set_defaults(func=diagnose)
+    p = sub.add_parser("grad-share", help="gradient norm of the added terms against the cross-entropy's")
+    p.add_argument("--bits", default="W2A2")
+    p.add_argument("--methods", nargs="+", default=["kd"])
+    p.add_argument("--batches", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=grad_share)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -140,10 +140,10 @@ class MECRegularizer(nn.Module):
     Args:
         model: the (quantized) model being trained; hooks are registered on it.
         config: the weights of the terms (`mec_weight`, `mec_layer_weight`, `mec_label_weight`,
-            `distill_weight`) and their settings (view, taps, order, lambda, conditioning,
-            experts, gather, `mec_layer_*`, `distill_temperature`).
-        teacher: frozen float copy from `make_teacher`, required by `mec_view="teacher"` and
-            `distill_weight > 0`.
+            `mec_mi_weight`, `distill_weight`) and their settings (view, taps, order, lambda,
+            conditioning, experts, gather, `mec_layer_*`, `mec_mi_modules`, `distill_temperature`).
+        teacher: frozen float copy from `make_teacher`, required when `config.teacher_needs()`
+            names a setting (`mec_view="teacher"`, `mec_mi_weight > 0`, `distill_weight > 0`).
         gate: routing module for `mec_routing="gate"` ((m, d) -> (m, K) logits), shared by all
             taps; by default one `nn.Linear(d, K)` per tap is built here (d read from the tap).
         balance_weight: weight of the gate's load-balancing term.
@@ -160,8 +160,8 @@ class MECRegularizer(nn.Module):
         >>> out = model(x); loss = F.cross_entropy(out, y) + reg(logits=out, labels=y)
 
     Raises:
-        ValueError: teacher view or distillation without teacher; taps not found; gate
-            dimension unknown; `mec_layer_weight > 0` on a model that is not prepared.
+        ValueError: teacher view, mutual information or distillation without teacher; taps or
+            blocks not found; gate dimension unknown; `mec_layer_weight > 0` on a model that is not prepared.
     """
 
     def __init__(

@@ -42,6 +42,14 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {bound}, got {value}.")
 
 
+RECOMMENDED_RECIPE: dict[str, Any] = {  # MECQuantConfig.recommended(); measured in docs/ablation.md round 7
+    "mec_weight": 0.0,
+    "mec_mi_weight": 20.0,
+    "distill_weight": 1.0,
+    "distill_temperature": 4.0,
+}
+
+
 @dataclass
 class MECQuantConfig(AOBaseConfig):
     """Settings of MEC-Quant quantization-aware training.
@@ -303,6 +311,25 @@ class MECQuantConfig(AOBaseConfig):
             raise TypeError(f"mec_mi_modules must be a non-empty list of module names, got {self.mec_mi_modules!r}.")
         _check_positive("distill_weight", self.distill_weight, allow_zero=True)
         _check_positive("distill_temperature", self.distill_temperature)
+
+    @classmethod
+    def recommended(cls, **fields: Any) -> MECQuantConfig:
+        """The most accurate recipe measured so far (docs/ablation.md, round 7: CIFAR-10 ResNet-20
+        W2A2): the mutual-information term on the block outputs (`mec_mi_weight=20`) plus logit
+        distillation at T = 4 (`distill_weight=1`, `distill_temperature=4`), head term off; both
+        weights picked on held-out training images. `fields` set anything else (bits, ...).
+
+        It needs the frozen full-precision teacher: the Trainer callback / mixin make it from the
+        float model they are given; a custom loop passes `teacher=make_teacher(model)` made before
+        `prepare_model`. (The field defaults stay teacher-free so the prepared-model path and
+        saved configs keep their meaning.)
+
+        Example:
+            >>> cfg = MECQuantConfig.recommended(weight_bits=2, act_bits=2)
+            >>> cfg.teacher_needs()
+            ['mec_mi_weight > 0', 'distill_weight > 0']
+        """
+        return cls(**{**RECOMMENDED_RECIPE, **fields})
 
     def teacher_needs(self) -> list[str]:
         """Why this config needs the frozen full-precision teacher (`make_teacher`): the settings

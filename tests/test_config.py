@@ -71,3 +71,17 @@ def test_hf_argument_parser_builds_a_cli():
         ["--weight_bits", "3", "--act_bits", "4", "--edge_layers", "float"]
     )
     assert (cfg.weight_bits, cfg.act_bits, cfg.edge_layers) == (3, 4, "float")
+
+
+def test_recommended_recipe_is_the_measured_one_and_takes_other_fields():
+    from mec_quant_plugin.config import RECOMMENDED_RECIPE
+
+    cfg = MECQuantConfig.recommended(weight_bits=2, act_bits=2)
+    assert {k: getattr(cfg, k) for k in RECOMMENDED_RECIPE} == {
+        "mec_weight": 0.0, "mec_mi_weight": 20.0, "distill_weight": 1.0, "distill_temperature": 4.0}
+    assert (cfg.weight_bits, cfg.act_bits) == (2, 2)
+    assert cfg.teacher_needs() == ["mec_mi_weight > 0", "distill_weight > 0"]
+    assert MECQuantConfig.recommended(distill_temperature=2.0).distill_temperature == 2.0
+    assert MECQuantConfig().teacher_needs() == []  # the field defaults stay teacher-free
+    with pytest.raises(ValueError, match="mec_mi_weight must be >= 0"):
+        MECQuantConfig.recommended(mec_mi_weight=-1.0)

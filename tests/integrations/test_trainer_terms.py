@@ -61,16 +61,24 @@ def _first_step_loss(kind: str, model, ds, batch, out_dir: str, config: MECQuant
     return trainer.compute_loss(model, batch), trainer.mec_regularizer
 
 
-@pytest.mark.parametrize("name", ["resnet", "vit"])
-def test_callback_and_mixin_give_the_loss_of_the_custom_loop(name, tmp_path):
+RECOMMENDED = MECQuantConfig.recommended(weight_bits=2, act_bits=2)
+
+
+@pytest.mark.parametrize("name, config", [("resnet", ALL_TERMS), ("vit", ALL_TERMS), ("resnet", RECOMMENDED),
+                                          ("vit", RECOMMENDED)], ids=["resnet-all", "vit-all", "resnet-recommended",
+                                                                      "vit-recommended"])
+def test_callback_and_mixin_give_the_loss_of_the_custom_loop(name, config, tmp_path):
     losses = {}
     for kind in ("custom loop", "callback", "mixin"):
         model, ds, batch = _float_model_and_data(name)
-        loss, reg = _first_step_loss(kind, model, ds, batch, str(tmp_path / kind.replace(" ", "_")), ALL_TERMS)
+        loss, reg = _first_step_loss(kind, model, ds, batch, str(tmp_path / kind.replace(" ", "_")), config)
         stats = reg.stats
         assert reg.teacher is not None and not any(p.requires_grad for p in reg.teacher.parameters())
-        assert all(v is not None for v in (stats.loss, stats.layerwise, stats.label_loss, stats.mi_loss, stats.distill_loss))
-        assert float(stats.distill_loss) > 0
+        terms = (stats.loss, stats.layerwise, stats.label_loss, stats.mi_loss, stats.distill_loss)
+        expected = (config.mec_weight, config.mec_layer_weight, config.mec_label_weight, config.mec_mi_weight,
+                    config.distill_weight)
+        assert [v is not None for v in terms] == [w > 0 for w in expected]
+        assert float(stats.distill_loss) > 0 and float(stats.mi_loss) < 0
         losses[kind] = loss.detach()
     torch.testing.assert_close(losses["callback"], losses["custom loop"])
     torch.testing.assert_close(losses["mixin"], losses["custom loop"])

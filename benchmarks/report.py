@@ -63,6 +63,22 @@ def table(groups: Groups, metric: str = "accuracy", paired_with: str = "plain") 
     return "\n".join(lines)
 
 
+def paired(paths: list[str], base: str) -> str:
+    """Per-seed differences against `base` (same bits, same seed: same start and data order), so a
+    gain that holds on every seed reads apart from one seed's luck."""
+    runs, metric = load(paths)
+    by_key = {(r["bits"], r["method"], r["seed"]): _value(r, metric) for r in runs}
+    lines = [f"| bits | method | per seed vs `{base}` | mean | wins |", "|---|---|---|---|---|"]
+    for bits, method in sorted({(b, m) for b, m, _ in by_key if m != base and b != "FP"}):
+        deltas = [(seed, by_key[(bits, method, seed)] - by_key[(bits, base, seed)])
+                  for b, m, seed in sorted(by_key) if (b, m) == (bits, method) and (bits, base, seed) in by_key]
+        if deltas:
+            cells = ", ".join(f"s{seed} {d:+.2f}" for seed, d in deltas)
+            mean = statistics.mean(d for _, d in deltas)
+            lines.append(f"| {bits} | `{method}` | {cells} | {mean:+.2f} | {sum(d > 0 for _, d in deltas)}/{len(deltas)} |")
+    return "\n".join(lines)
+
+
 def recovered(groups: Groups) -> str:
     """Share of the PTQ degradation each trained method recovers: (PTQ - QAT) / (PTQ - FP), against
     the FP model trained for the same steps (the fair reference)."""
@@ -145,11 +161,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (FP always kept)")
     parser.add_argument("--cost", action="store_true", help="also the step-time / peak-memory table")
     parser.add_argument("--recovered", action="store_true", help="also the recovered share of PTQ degradation")
+    parser.add_argument("--paired", nargs="*", default=None, metavar="BASE",
+                        help="also per-seed differences against these methods (default: plain)")
     args = parser.parse_args()
     groups = summarize(args.results, args.methods)
     print(table(groups, load(args.results)[1]))
     if args.recovered:
         print("\n" + recovered(groups))
+    for base in ([] if args.paired is None else args.paired or ["plain"]):
+        print("\n" + paired(args.results, base))
     if args.cost:
         print("\n" + cost(args.results))
     if args.plot:

@@ -69,6 +69,13 @@ def test_accuracy_tables_are_in_percent(tmp_path):
     assert "| FP | `fp` | 85.00 ± 7.07 | 2 |" in report.table(groups, "eval_accuracy")
 
 
+def test_paired_differences_match_seeds_and_skip_unpaired_runs(tmp_path):
+    runs = [{"bits": "W2A2", "method": m, "seed": s, "accuracy": v}
+            for m, s, v in (("plain", 0, 0.80), ("plain", 1, 0.81), ("kd", 1, 0.815), ("kd", 0, 0.79), ("kd", 2, 0.9))]
+    text = report.paired(_results(tmp_path, runs, metric="accuracy"), "plain")
+    assert "| W2A2 | `kd` | s0 -1.00, s1 +0.50 | -0.25 | 1/2 |" in text  # seed 2 has no plain run
+
+
 def test_vit_recipe_builds_a_trainable_fashion_mnist_classifier():
     model = build_model(0, arch="vit")
     out = model(pixel_values=torch.randn(4, 1, 28, 28), labels=torch.tensor([0, 1, 2, 9]))

@@ -464,6 +464,54 @@ def grad_share(args: argparse.Namespace) -> None:
         print(f"{spec:<60} |grad CE| {task_med:.3f}  |grad terms| {term_med:.3f}  ratio {term_med / task_med:.3f}", flush=True)
 
 
+def step_time(args: argparse.Namespace) -> None:
+    """Side-by-side training-step time of methods (the cost of a term): every method's model is
+    built as `run` builds it, then the methods take turns, one step each, for `--steps` rounds after
+    `--warmup` rounds, so they share the machine's noise; medians and ratios to the first method."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    xtr, ytr = load_cifar10()["train"]
+    batches = epoch_batches(xtr, ytr, batch_size=128, seed=0, epoch=0)
+    data = [next(batches) for _ in range(args.warmup + args.steps)]
+    setups = []
+    for spec in args.methods:
+        method, overrides = parse_method(spec)
+        cfg = method_config(method, overrides, parse_bits(args.bits))
+        model = _load_fp_start("cpu")
+        teacher = make_teacher(model) if cfg is not None and cfg.teacher_needs() else None
+        reg = None
+        if cfg is not None:
+            model = prepare_model(model, cfg)
+            with torch.no_grad():
+                calibrate_activations(model, data[0][0])
+            reg = MECRegularizer(model, cfg, teacher=teacher, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        setups.append((spec, model.train(), reg, opt, []))
+    for i, (xb, yb) in enumerate(data):
+        for _spec, model, reg, opt, times in setups:
+            t0 = time.perf_counter()
+            if reg is not None:
+                reg.set_progress(i, len(data))
+            logits = model(xb)
+            loss = torch.nn.functional.cross_entropy(logits, yb)
+            if reg is not None:
+                loss = loss + reg(logits=logits, labels=yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    base = statistics.median(setups[0][4])
+    rows = []
+    for spec, _, _, _, times in setups:
+        med = statistics.median(times)
+        rows.append({"method": spec, "median_step_s": round(med, 4), f"vs_{setups[0][0]}": round(med / base, 3)})
+        print(f"{spec:<75} {1000 * med:7.1f} ms  x{med / base:.3f}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"bits": args.bits, "steps": args.steps, "warmup": args.warmup,
+                                              "rows": rows, "command": " ".join(["python benchmarks/cifar10.py", *sys.argv[1:]]),
+                                              "commit": commit(), "machine": machine()}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -510,6 +558,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=grad_share)
+    p = sub.add_parser("step-time", help="side-by-side training-step time of methods (the cost of a term)")
+    p.add_argument("--bits", default="W2A2")
+    p.add_argument("--methods", nargs="+", default=["plain", "kd"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="also write the medians to this JSON")
+    p.set_defaults(func=step_time)
     args = parser.parse_args(argv)
     args.func(args)
 

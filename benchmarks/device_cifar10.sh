@@ -19,7 +19,7 @@ nvidia-smi -L
 python3 -c "import torch, torchao, datasets; print(torch.__version__, torchao.__version__, datasets.__version__)"
 timeout "$(left)" python3 benchmarks/cifar10.py fp-start --epochs "${FP_EPOCHS:-40}" || exit 1
 common=(run --bits W2A2 --seeds 0 --qat-epochs "${QAT_EPOCHS:-8}" --out "$out" --checkpoint-every 390)
-for methods in "fp ptq plain" "kd" "mec" "mec:mec_weight=0,mec_layer_weight=10" "mec:mec_weight=0,mec_layer_weight=10,distill_weight=1"; do
+for methods in "fp ptq plain" "kd:distill_temperature=4" "mec" "mec:mec_weight=0,mec_mi_weight=20" "mec:mec_weight=0,mec_mi_weight=20,distill_weight=1,distill_temperature=4"; do
   # shellcheck disable=SC2086
   timeout "$(left)" python3 benchmarks/cifar10.py "${common[@]}" --methods $methods > "/tmp/run-${methods// /_}.log" 2>&1 &
 done

@@ -182,22 +182,29 @@ def method_config(method: str, overrides: dict, bits: tuple[int, int | None]) ->
     return cfg.replace(**overrides)
 
 
+def start_method(cfg: MECQuantConfig | None, calibration: torch.Tensor, device: str = "cpu", seed: int = 0):
+    """The FP start as every method begins: its frozen teacher copy when a term needs one, prepared
+    with `cfg` and activation steps calibrated on `calibration` (nothing of this for `fp`, cfg None),
+    and the regularizer of its terms. Returns (model, regularizer or None)."""
+    model = _load_fp_start(device)
+    if cfg is None:
+        return model, None
+    teacher = make_teacher(model) if cfg.teacher_needs() else None
+    model = prepare_model(model, cfg)
+    with torch.no_grad():
+        calibrate_activations(model, calibration.to(device))
+    return model, MECRegularizer(model, cfg, teacher=teacher, seed=seed)
+
+
 def train_method(method: str, overrides: dict, bits, seed: int, data, args, run_dir: Path) -> dict:
     """Train one method from the FP start for `args.qat_epochs` epochs; returns the result entry."""
     xtr, ytr = data["train"]
     cfg = method_config(method, overrides, bits)
-    model = _load_fp_start(args.device)
-    teacher = None
-    if cfg is not None and cfg.teacher_needs():
-        teacher = make_teacher(model)
     first = next(epoch_batches(xtr, ytr, batch_size=args.batch_size, seed=seed, epoch=0))
-    if cfg is not None:
-        model = prepare_model(model, cfg)
-        with torch.no_grad():
-            calibrate_activations(model, first[0].to(args.device))
-        if method == "ptq":
-            return {"model": convert_model(model.eval()), "steps": 0, "step_seconds": None, "config": cfg.to_dict()}
-    reg = MECRegularizer(model, cfg, teacher=teacher, seed=seed) if cfg is not None else None
+    model, reg = start_method(cfg, first[0], args.device, seed)
+    if method == "ptq":
+        reg.remove()
+        return {"model": convert_model(model.eval()), "steps": 0, "step_seconds": None, "config": cfg.to_dict()}
     quant_params = [p for n, p in model.named_parameters() if "fake_quantizer" in n]
     ids = {id(p) for p in quant_params}
     decay = [p for p in model.parameters() if p.dim() > 1 and id(p) not in ids]
@@ -440,15 +447,10 @@ def grad_share(args: argparse.Namespace) -> None:
     rows = []
     for spec in args.methods:
         method, overrides = parse_method(spec)
-        cfg = method_config(method, overrides, parse_bits(args.bits))
-        model = _load_fp_start("cpu")
-        teacher = make_teacher(model) if cfg.teacher_needs() else None
         batches = epoch_batches(xtr, ytr, batch_size=128, seed=0, epoch=0)
         first = next(batches)
-        model = prepare_model(model, cfg)
-        with torch.no_grad():
-            calibrate_activations(model, first[0])
-        reg = MECRegularizer(model.train(), cfg, teacher=teacher, seed=0)
+        model, reg = start_method(method_config(method, overrides, parse_bits(args.bits)), first[0])
+        model.train()
         weights = [p for n, p in model.named_parameters() if p.dim() > 1 and "fake_quantizer" not in n]
         task_norms, term_norms = [], []
         for step, (xb, yb) in enumerate([first, *(next(batches) for _ in range(args.batches - 1))]):
@@ -457,6 +459,9 @@ def grad_share(args: argparse.Namespace) -> None:
             task = torch.nn.functional.cross_entropy(logits, yb)
             term = reg(logits=logits, labels=yb)
             for value, norms in ((task, task_norms), (term, term_norms)):
+                if not value.requires_grad:  # no term on (plain): nothing pulls
+                    norms.append(0.0)
+                    continue
                 grads = torch.autograd.grad(value, weights, retain_graph=True, allow_unused=True)
                 norms.append(float(torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(())))))
         task_med, term_med = statistics.median(task_norms), statistics.median(term_norms)
@@ -475,15 +480,7 @@ def step_time(args: argparse.Namespace) -> None:
     setups = []
     for spec in args.methods:
         method, overrides = parse_method(spec)
-        cfg = method_config(method, overrides, parse_bits(args.bits))
-        model = _load_fp_start("cpu")
-        teacher = make_teacher(model) if cfg is not None and cfg.teacher_needs() else None
-        reg = None
-        if cfg is not None:
-            model = prepare_model(model, cfg)
-            with torch.no_grad():
-                calibrate_activations(model, data[0][0])
-            reg = MECRegularizer(model, cfg, teacher=teacher, seed=0)
+        model, reg = start_method(method_config(method, overrides, parse_bits(args.bits)), data[0][0])
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         setups.append((spec, model.train(), reg, opt, []))
     for i, (xb, yb) in enumerate(data):

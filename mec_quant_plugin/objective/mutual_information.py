@@ -26,15 +26,9 @@ import math
 import torch
 from torch import Tensor
 
+from .conditioning import center_features
+
 MI_EPS2 = 0.5  # eps^2 of the coding lengths: the value MCR^2 uses (and our label-aware term)
-_STD_EPS = 1e-5
-
-
-def standardize_columns(z: Tensor, eps: float = _STD_EPS) -> Tensor:
-    """Each column centered over the rows and divided by its standard deviation (BatchNorm without
-    affine, MEC's projector); a constant column becomes zero."""
-    z = z - z.mean(dim=0, keepdim=True)
-    return z / (z.pow(2).mean(dim=0, keepdim=True) + eps).sqrt()
 
 
 def _half_logdet(c: Tensor, alpha: float) -> Tensor:
@@ -67,8 +61,9 @@ def mutual_information(student: Tensor, teacher: Tensor, *, eps2: float = MI_EPS
     m = student.shape[0]
     alpha = 1.0 / eps2
     with torch.autocast(student.device.type, enabled=False):
-        zq = standardize_columns(student.float())
-        zt = standardize_columns(teacher.detach().float())
+        # Per-dimension standardization: BatchNorm without affine, MEC's projector.
+        zq = center_features(student.float(), standardize=True)
+        zt = center_features(teacher.detach().float(), standardize=True)
         joint = torch.cat([zq, zt], dim=1)
         # (dq + dt) x (dq + dt), diagonal blocks C_q and C_fp: the product in fp32 (m x 2d, the
         # cost), the small log dets in fp64.

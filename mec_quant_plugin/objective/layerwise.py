@@ -29,16 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ..options import LAYER_TARGETS
-from .capture import subsample_rows
+from .capture import subsample_rows, to_rows
 from .conditioning import center_features
 from .mixture import mixture_coding_length_loss
-
-
-def _channels_last_rows(x: Tensor) -> Tensor:
-    """(N, C, H, W) -> (N*H*W, C); (N, T, D) -> (N*T, D); (N, D) as is."""
-    if x.dim() == 4:
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
 
 
 def low_bit_layers(model: nn.Module, max_bits: int = 7) -> list[tuple[str, nn.Module]]:
@@ -128,7 +121,7 @@ class LayerwiseCodingLength(nn.Module):
         for i, (name, _) in enumerate(self.layers):
             x = self._captured.pop(name, None)
             if x is not None:
-                rows.append(subsample_rows(_channels_last_rows(x), self.max_rows, seed=self.seed + 7919 * self.step + i))
+                rows.append(subsample_rows(to_rows(x, positions=True), self.max_rows, seed=self.seed + 7919 * self.step + i))
         self._captured.clear()
         return rows
 
